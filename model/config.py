@@ -1,0 +1,76 @@
+"""Model configuration: the shape of a decoder-only MoE transformer.
+
+Plain dataclasses (no Hydra imports) so the model package stays usable on its own; the trainer
+registers them in Hydra's ConfigStore and validates them before any work (`trainer/validate.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values share a low-rank latent."""
+
+    q_lora_rank: int = 0  # 0: queries projected directly, no low-rank bottleneck
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    moe_ffn_hidden: int = 256  # hidden size of one routed expert (fine-grained experts: small)
+    num_shared_experts: int = 0
+    shared_ffn_hidden: int = 0  # 0: num_shared_experts * moe_ffn_hidden
+    score_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool = True  # renormalise the k selected weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    router_jitter: float = 0.0  # multiplicative input noise in training (Switch), 0 = off
+    num_groups: int = 1  # group-limited routing: experts split into groups ...
+    topk_groups: int = 1  # ... and only the best `topk_groups` groups may be chosen
+    capacity_factor: float = 0.0  # 0 = dropless; else capacity = ceil(cf * tokens * k / E)
+    drop_policy: str = "probs"  # probs: drop lowest-weight assignments | position: drop latest tokens
+    aux_loss_coef: float = 0.01
+    aux_loss_scope: str = "micro_batch"  # micro_batch | sequence | global_batch
+    z_loss_coef: float = 0.0
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3)
+    bias_update_rate: float = 1e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_moe"
+    vocab_size: int = 8192
+    dim: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0: dim // num_heads
+    ffn_hidden: int = 768  # dense SwiGLU hidden size (dense layers)
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    attention: str = "gqa"  # gqa | mla
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    first_k_dense: int = 0  # the first k layers use a dense MLP (DeepSeek-V3: 3)
+    moe_layer_freq: int = 1  # layer i >= first_k_dense is MoE when (i + 1) % freq == 0 (Llama 4: 2)
+    tie_embeddings: bool = False
+    mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3: 1)
+    mtp_loss_coef: float = 0.3
+    init_std: float = 0.02
+    # Published parameter counts in billions, for recipes of released models; 0 = not stated.
+    published_total_b: float = 0.0
+    published_active_b: float = 0.0
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense and (layer_idx + 1) % self.moe_layer_freq == 0

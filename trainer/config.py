@@ -1,0 +1,95 @@
+"""The job config: one dataclass per component, composed into `JobConfig` and registered in
+Hydra's ConfigStore, so YAML recipes and CLI overrides are type-checked and unknown keys fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import DataConfig, DataSourceConfig
+from model.config import MLAConfig, MoEConfig, ModelConfig
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
+    schedule: str = "cosine"  # cosine | wsd | constant (each after linear warmup)
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final decay
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    val_every: int = 100  # 0 = only at the start and the end
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run.dir}/checkpoints"
+    save_every: int = 0  # 0 = only at the end of training
+    resume: bool = True  # continue from the newest checkpoint in `dir` if there is one
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # rich progress bar on rank 0
+    jsonl: bool = True  # metrics.jsonl in the run directory
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "moeforge"
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny_cpu"
+    dir: str = "runs/${run.name}"
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema; YAML files in `recipes/` are merged on top of it."""
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DataSourceConfig",
+    "JobConfig",
+    "LoggingConfig",
+    "MLAConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "register_configs",
+]
