@@ -56,6 +56,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attention: str = "gqa"  # gqa | mla
+    qk_norm: bool = False  # RMSNorm on each query/key head (Qwen3)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     first_k_dense: int = 0  # the first k layers use a dense MLP (DeepSeek-V3: 3)

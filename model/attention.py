@@ -1,0 +1,104 @@
+"""Causal self-attention: grouped-query attention (GQA) and multi-head latent attention (MLA).
+
+Head counts are read from the projected tensors (`view(B, S, -1, hd)`), not stored, so tensor
+parallelism can shard the projections by heads without touching this code.
+Shape legend: B batch, S sequence, H query heads, K key/value heads, D model dim, E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers import RMSNorm, apply_rope
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.resolved_head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHE = self.wq(x_BSD).view(B, S, -1, self.head_dim)
+        k_BSKE = self.wk(x_BSD).view(B, S, -1, self.head_dim)
+        v_BSKE = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHE, k_BSKE = self.q_norm(q_BSHE), self.k_norm(k_BSKE)
+        q_BSHE, k_BSKE = apply_rope(q_BSHE, cos, sin), apply_rope(k_BSKE, cos, sin)
+        out_BHSE = F.scaled_dot_product_attention(
+            q_BSHE.transpose(1, 2),
+            k_BSKE.transpose(1, 2),
+            v_BSKE.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=q_BSHE.shape[2] != k_BSKE.shape[2],
+        )
+        return self.wo(out_BHSE.transpose(1, 2).reshape(B, S, -1))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 MLA, in its training form: the KV latent is expanded per head (no weight
+    absorption, which only pays off for decoding with a latent KV cache)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        mla, heads = cfg.mla, cfg.num_heads
+        self.nope_dim, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank = mla.kv_lora_rank
+        qk_head_dim = self.nope_dim + self.rope_dim
+        if mla.q_lora_rank > 0:
+            self.wq_a = nn.Linear(cfg.dim, mla.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(mla.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(mla.q_lora_rank, heads * qk_head_dim, bias=False)
+            self.wq = None
+        else:
+            self.wq = nn.Linear(cfg.dim, heads * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, mla.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(mla.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(mla.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(heads * self.v_dim, cfg.dim, bias=False)
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q_nope_BSHE, q_pe_BSHE = q.view(B, S, -1, self.nope_dim + self.rope_dim).split(
+            [self.nope_dim, self.rope_dim], dim=-1
+        )
+        latent_BSL, k_pe_BSE = self.wkv_a(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        # The rotary part of the key is shared by all heads: one rotated vector per position.
+        k_pe_BS1E = apply_rope(k_pe_BSE.unsqueeze(2), cos, sin)
+        kv_BSHE = self.wkv_b(self.kv_norm(latent_BSL)).view(B, S, -1, self.nope_dim + self.v_dim)
+        k_nope_BSHE, v_BSHE = kv_BSHE.split([self.nope_dim, self.v_dim], dim=-1)
+        num_heads = k_nope_BSHE.shape[2]
+        q_BSHE = torch.cat([q_nope_BSHE, apply_rope(q_pe_BSHE, cos, sin)], dim=-1)
+        k_BSHE = torch.cat([k_nope_BSHE, k_pe_BS1E.expand(-1, -1, num_heads, -1)], dim=-1)
+        out_BHSE = F.scaled_dot_product_attention(
+            q_BSHE.transpose(1, 2),
+            k_BSHE.transpose(1, 2),
+            v_BSHE.transpose(1, 2),
+            is_causal=True,
+            scale=1.0 / math.sqrt(self.nope_dim + self.rope_dim),
+        )
+        return self.wo(out_BHSE.transpose(1, 2).reshape(B, S, -1))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return {"gqa": GroupedQueryAttention, "mla": MultiHeadLatentAttention}[cfg.attention](cfg)

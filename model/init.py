@@ -1,0 +1,37 @@
+"""Layout-independent weight initialisation.
+
+Every parameter is drawn from its own generator, seeded from (run seed, parameter name). The
+values therefore depend only on the seed and the parameter's fully-qualified name, not on the
+order modules were built, which ranks hold which layers, or how tensors are sharded: a pipeline
+stage or an expert-parallel shard gets exactly the slice of the single-process weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+from model.config import ModelConfig
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    # crc32, not hash(): Python's str hash is salted per process.
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def init_std(name: str, cfg: ModelConfig) -> float:
+    """Normal(0, init_std) for weights; residual-branch output projections scaled down by
+    sqrt(2 * layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+    leaf = name.rsplit(".", 2)
+    if "wo" in leaf or "w2" in leaf:
+        return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return cfg.init_std
+
+
+def initial_value(name: str, shape: torch.Size, seed: int, cfg: ModelConfig) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `name`, on CPU in fp32."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    return torch.empty(shape).normal_(0.0, init_std(name, cfg), generator=param_generator(seed, name))

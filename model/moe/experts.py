@@ -1,0 +1,43 @@
+"""Routed experts stored as grouped `[E, ...]` weight tensors.
+
+Tokens arrive sorted by expert with per-expert counts. On CUDA with bf16 one grouped GEMM
+(`torch._grouped_mm`) runs all experts; elsewhere a loop over *experts* (never over tokens) runs
+one GEMM per expert, which is what a CPU does best anyway.
+Shape legend: N routed token copies (sorted by expert), D model dim, F expert hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # gate projection
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up projection
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down projection
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            offsets = counts_E.cumsum(0).to(torch.int32)
+            h_NF = F.silu(torch._grouped_mm(x_ND, self.w1, offs=offsets))
+            h_NF = h_NF * torch._grouped_mm(x_ND, self.w3, offs=offsets)
+            return torch._grouped_mm(h_NF, self.w2, offs=offsets)
+        # One host sync for the split sizes; the loop is over experts, not tokens.
+        outputs = []
+        for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist())):
+            if x_nD.shape[0] == 0:
+                continue
+            h_nF = F.silu(x_nD @ self.w1[e]) * (x_nD @ self.w3[e])
+            outputs.append(h_nF @ self.w2[e])
+        if not outputs:
+            # No tokens at all: keep the weights in the graph so gradients are defined (zeros).
+            return x_ND @ self.w1[0] @ self.w2[0] * 0.0
+        return torch.cat(outputs)
