@@ -10,6 +10,8 @@ class DataSourceConfig:
     path: str = ""  # a prepared dataset dir (format=parquet) or a Megatron prefix (format=megatron)
     weight: float = 1.0  # relative sampling weight when several sources are blended
     format: str = "parquet"  # parquet | megatron
+    # megatron only: token put between documents; -1 = take "eod_id" from the sidecar <path>.json
+    eod_id: int = -1
 
 
 @dataclass
@@ -21,5 +23,5 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 8  # sequences per rank per forward pass
     tokenizer_vocab_size: int = 4096  # BPE vocab trained for the embedded corpus
-    val_fraction: float = 0.02  # documents held out for validation when preparing
+    val_fraction: float = 0.02  # documents held out for validation when preparing (megatron-only: samples)
     val_batches: int = 8  # micro-batches per validation pass
