@@ -30,13 +30,13 @@ class GroupedExperts(nn.Module):
             h_NF = F.silu(torch._grouped_mm(x_ND, self.w1, offs=offsets))
             h_NF = h_NF * torch._grouped_mm(x_ND, self.w3, offs=offsets)
             return torch._grouped_mm(h_NF, self.w2, offs=offsets)
-        # One host sync for the split sizes; the loop is over experts, not tokens.
+        # One host sync for the split sizes; the loop is over experts, not tokens. unbind() once,
+        # rather than w[e] per expert, so backward builds one gradient, not E full-size zeros.
         outputs = []
-        for e, x_nD in enumerate(torch.split(x_ND, counts_E.tolist())):
-            if x_nD.shape[0] == 0:
-                continue
-            h_nF = F.silu(x_nD @ self.w1[e]) * (x_nD @ self.w3[e])
-            outputs.append(h_nF @ self.w2[e])
+        experts = zip(self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0))
+        for x_nD, (w1, w3, w2) in zip(torch.split(x_ND, counts_E.tolist()), experts):
+            if x_nD.shape[0] > 0:
+                outputs.append((F.silu(x_nD @ w1) * (x_nD @ w3)) @ w2)
         if not outputs:
             # No tokens at all: keep the weights in the graph so gradients are defined (zeros).
             return x_ND @ self.w1[0] @ self.w2[0] * 0.0
