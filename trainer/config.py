@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from data.config import DataConfig, DataSourceConfig
-from model.config import MLAConfig, MoEConfig, ModelConfig
+from model.config import MLAConfig, ModelConfig, MoEConfig
 from parallel.config import ParallelConfig
 
 

@@ -1,0 +1,61 @@
+"""End to end through the real entry point: `python -m trainer recipe=tiny_cpu ...` trains, logs,
+checkpoints and prints a summary; a second run with more steps resumes where the first stopped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = [
+    "recipe=tiny_cpu",
+    "data.seq_len=32",
+    "data.micro_batch_size=2",
+    "data.val_batches=2",
+    "train.global_batch_size=4",  # 2 micro-batches per step: gradient accumulation on the path
+    "train.log_every=2",
+    "train.val_every=3",
+    "checkpoint.save_every=4",
+    "optim.warmup_steps=2",
+    "logging.progress=false",
+]
+
+
+def run_trainer(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_train_then_resume(tmp_path: Path, default_corpus_cache: Path) -> None:
+    run_dir = tmp_path / "run"
+    common = [*SMALL, f"run.dir={run_dir}", f"data.cache_dir={default_corpus_cache}"]
+
+    first = run_trainer([*common, "train.steps=6", "logging.wandb_mode=offline"], tmp_path)
+    assert "moeforge run summary" in first.stdout
+    assert "steps            0 -> 6" in first.stdout
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2, 4, 6]
+    for key in ("loss", "ce_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "peak_mem_gib"):
+        assert all(key in r for r in train), key
+    assert "moe/load_imbalance_max" in train[-1] and "moe/layer0/load_max_over_mean" in train[-1]
+    assert [r["step"] for r in records(run_dir, "val")] == [0, 3, 6]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-6"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-4", "step-6"]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+    second = run_trainer([*common, "train.steps=8", "logging.wandb_mode=disabled"], tmp_path)
+    assert "resumed from" in second.stdout and "steps            6 -> 8" in second.stdout
+    assert [r["step"] for r in records(run_dir, "train")][4:] == [7, 8]  # appended, not restarted
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-8"

@@ -1,0 +1,256 @@
+"""Trainer pieces: LR schedules, weight-decay groups, checkpoints, token-normalised accumulation,
+and an exact resume of a short run."""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from data import Batch
+from model import Transformer
+from model.config import ModelConfig, MoEConfig
+from trainer import checkpoint
+from trainer.checkpoint import RNGState, TrainProgress
+from trainer.compose import load_config
+from trainer.config import OptimConfig
+from trainer.errors import ConfigError
+from trainer.optim import build_optimizer, build_scheduler, lr_factor_fn, weight_decay_split
+from trainer.setup import build_model
+from trainer.step import evaluate, forward_backward
+from trainer.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, top_k=2, moe_ffn_hidden=16, num_shared_experts=1, aux_loss_coef=0.0)
+    base = dict(
+        vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden=48, max_seq_len=32
+    )
+    return ModelConfig(**{**base, "moe": moe, **kw})
+
+
+# -- LR schedules --------------------------------------------------------------------------------
+
+
+def factors(steps: int, **kw) -> list[float]:
+    fn = lr_factor_fn(OptimConfig(**kw), steps)
+    return [fn(i) for i in range(steps)]
+
+
+def test_warmup_is_linear_to_full_lr() -> None:
+    f = factors(20, warmup_steps=4, schedule="constant")
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4:] == pytest.approx([1.0] * 16)
+
+
+def test_cosine_endpoints_and_monotone() -> None:
+    f = factors(21, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    assert f[3] == pytest.approx(1.0) and f[4] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.1)  # the last step trains at the minimum
+    assert f[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # midpoint of decay
+    assert all(a > b for a, b in zip(f[4:], f[5:]))
+
+
+def test_wsd_phases() -> None:
+    f = factors(20, warmup_steps=2, schedule="wsd", decay_fraction=0.25, min_lr_ratio=0.0)
+    assert f[:2] == pytest.approx([0.5, 1.0])
+    assert f[2:15] == pytest.approx([1.0] * 13)  # stable until the last 5 steps
+    assert f[15:] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])  # linear decay to the minimum
+
+
+def test_scheduler_drives_optimizer_lr() -> None:
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    model = nn.Linear(4, 4)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps=6)
+    seen = []
+    for _ in range(6):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-2 * x for x in factors(6, **vars(cfg))])
+
+
+# -- weight decay --------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.norm = RMSNorm(4)
+        self.proj = nn.Linear(4, 4, bias=True)
+        self.experts = nn.Parameter(torch.zeros(3, 4, 8))
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied: still an embedding, no decay
+
+
+def test_weight_decay_split() -> None:
+    decay, no_decay = weight_decay_split(Toy())
+    assert sorted(decay) == ["experts", "proj.weight"]
+    assert sorted(no_decay) == ["emb.weight", "norm.weight", "proj.bias"]
+
+
+def test_weight_decay_split_real_model() -> None:
+    decay, no_decay = weight_decay_split(Transformer(tiny_model_cfg()))
+    assert "tok_embeddings.weight" in no_decay and "norm.weight" in no_decay
+    assert all(name.endswith("norm.weight") or name == "tok_embeddings.weight" for name in no_decay)
+    assert "output.weight" in decay and any("experts" in n for n in decay)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+def make_state(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, steps=10)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "rng": RNGState(),
+        "progress": TrainProgress(1, 12),
+    }
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    state = make_state(0)
+    checkpoint.save(tmp_path, 1, state)
+    expected_next = (torch.rand(3), random.random())
+    fresh = make_state(1)
+    step, path, parts = checkpoint.load_latest(tmp_path)
+    assert (step, path.name) == (1, "step-1")
+    checkpoint.restore(fresh, parts, path)
+    for a, b in zip(state["model"].parameters(), fresh["model"].parameters()):
+        assert torch.equal(a, b)
+    sa, sb = state["optimizer"].state_dict()["state"], fresh["optimizer"].state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    assert fresh["scheduler"].last_epoch == 1 and fresh["progress"] == TrainProgress(1, 12)
+    assert (
+        torch.equal(torch.rand(3), expected_next[0]) and random.random() == expected_next[1]
+    )  # rng restored
+
+
+def test_checkpoint_atomic_latest_and_keep_last(tmp_path: Path) -> None:
+    state = make_state()
+    for step in (2, 4, 6, 8):
+        checkpoint.save(tmp_path, step, state, keep_last=2)
+    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [6, 8]
+    assert (tmp_path / "latest").read_text().strip() == "step-8"
+    (tmp_path / "step-10.tmp").mkdir()  # a save killed half-way
+    (tmp_path / "step-10.tmp" / "model.pt").write_bytes(b"garbage")
+    (tmp_path / "step-12").mkdir()  # no manifest: incomplete
+    assert checkpoint.load_latest(tmp_path)[0] == 8
+    (tmp_path / "latest").unlink()  # lost pointer: newest complete directory wins
+    assert checkpoint.load_latest(tmp_path)[0] == 8
+    assert checkpoint.load_latest(tmp_path / "none") is None
+
+
+def test_checkpoint_shape_mismatch_is_config_error(tmp_path: Path) -> None:
+    checkpoint.save(tmp_path, 1, make_state())
+    other = make_state()
+    other["model"] = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
+    _, path, parts = checkpoint.load_latest(tmp_path)
+    with pytest.raises(ConfigError, match=r"checkpoint.dir.*0.weight of shape \[8, 4\].*\[16, 4\]"):
+        checkpoint.restore(other, parts, path)
+
+
+# -- token-normalised loss with gradient accumulation ------------------------------------------
+
+
+def make_batches(B: int, S: int, vocab: int) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (B, S), generator=g)
+    labels = torch.randint(0, vocab, (B, S), generator=g)
+    labels[0, : S // 2] = -100  # uneven: micro-batches hold different numbers of label tokens
+    labels[3, :3] = -100
+    return [Batch(tokens[i : i + 2], labels[i : i + 2]) for i in range(0, B, 2)]
+
+
+@pytest.mark.parametrize("mtp_depth", [0, 1])
+def test_accumulation_equals_full_batch(mtp_depth: int) -> None:
+    cfg = tiny_model_cfg(mtp_depth=mtp_depth)
+    micro = make_batches(6, 16, cfg.vocab_size)
+    full = [Batch(torch.cat([b.tokens for b in micro]), torch.cat([b.labels for b in micro]))]
+    results = []
+    for batches in (full, micro):
+        model = build_model(cfg, CPU, seed=3)
+        losses = forward_backward(model, batches, mtp_coef=0.3, device=CPU, autocast=nullcontext)
+        results.append(
+            (losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (l_full, g_full), (l_micro, g_micro) = results
+    assert l_micro.num_label_tokens == l_full.num_label_tokens == 6 * 16 - 8 - 3
+    assert float(l_micro.ce) == pytest.approx(float(l_full.ce), abs=1e-6)
+    assert float(l_micro.mtp) == pytest.approx(float(l_full.mtp), abs=1e-6)
+    assert g_full.keys() == g_micro.keys()
+    for name in g_full:
+        torch.testing.assert_close(g_micro[name], g_full[name], atol=1e-6, rtol=1e-5, msg=name)
+    # and it is the mean CE per label token of the full batch, as evaluate() reports it
+    model = build_model(cfg, CPU, seed=3)
+    assert evaluate(model, full, device=CPU, autocast=nullcontext) == pytest.approx(
+        float(l_full.ce), abs=1e-5
+    )
+
+
+# -- a short run resumes exactly -----------------------------------------------------------------
+
+
+def run_cfg(tmp_path: Path, dataset: Path, steps: int):
+    return load_config(
+        [
+            f"data.sources=[{{path:'{dataset}'}}]",
+            "data.seq_len=32",
+            "data.micro_batch_size=2",
+            "data.val_batches=1",
+            "train.global_batch_size=4",
+            f"train.steps={steps}",
+            "train.log_every=1",
+            "optim.warmup_steps=1",
+            "model.vocab_size=512",
+            "model.dim=32",
+            "model.num_layers=2",
+            "model.ffn_hidden=64",
+            "model.moe.num_experts=4",
+            "model.moe.moe_ffn_hidden=16",
+            "model.moe.expert_bias=true",
+            "logging.wandb_mode=disabled",
+            "logging.progress=false",
+            f"run.dir={tmp_path}",
+        ]
+    )
+
+
+def test_resume_is_exact(tmp_path: Path, small_dataset: Path) -> None:
+    straight = Trainer(run_cfg(tmp_path / "a", small_dataset, 4))
+    summary = straight.train()
+    assert summary.final_step == 4 and summary.final_val_loss < summary.first_val_loss
+
+    Trainer(run_cfg(tmp_path / "b", small_dataset, 2)).train()
+    resumed = Trainer(run_cfg(tmp_path / "b", small_dataset, 4))
+    summary_b = resumed.train()
+    assert summary_b.start_step == 2 and summary_b.resumed_from.name == "step-2"
+    assert summary_b.final_train_loss == summary.final_train_loss
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"kind": "train"' in r for r in records) == 4

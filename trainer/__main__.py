@@ -1,0 +1,111 @@
+"""Train a moeforge model.
+
+    python -m trainer                                   # recipe=tiny_cpu: a small MoE on the CPU
+    python -m trainer recipe=tiny_cpu train.steps=50 optim.lr=1e-3 model.moe.num_experts=16
+    python -m trainer --cfg job                         # print the composed config and exit
+    python -m trainer -m optim.lr=1e-3,3e-3             # a Hydra multirun sweep
+    torchrun --nproc-per-node=N -m trainer ...          # (multi-rank: lands with parallel/)
+
+The config is composed from `recipes/config.yaml` (Hydra) with the command-line overrides. Before
+Hydra runs the job, the same composition is done with the compose API and validated, so a bad
+override or an impossible config prints one line (`moeforge: config error: ...`) and exits with
+code 2, without a traceback. Runs write to `run.dir`: metrics.jsonl, wandb/, checkpoints/, and
+resume from the newest checkpoint there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from data import DataError
+from trainer.compose import compose_config, config_error, to_job_config
+from trainer.config import register_configs
+from trainer.errors import ConfigError
+from trainer.validate import validate
+
+EXIT_CONFIG = 2
+
+
+def _fail(err: Exception) -> NoReturn:
+    kind = "data error" if isinstance(err, DataError) else "config error"
+    print(f"moeforge: {kind}: {err}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose + validate the job's config from `argv` the way Hydra will, raising `ConfigError`.
+
+    Skipped when Hydra is asked for something other than a plain run of our root config (help,
+    shell completion, another config path/name, a rerun). Overrides of Hydra's own config
+    (`hydra.*`, `hydra/...`) are left to Hydra; in a multirun, sweep overrides (`a=1,2`) are left
+    out here and each job validates its own values when it starts.
+    """
+    try:
+        args = get_args_parser().parse_intermixed_args(argv)
+    except SystemExit:
+        return  # a malformed flag: let Hydra print its usage message
+    if (
+        args.help
+        or args.hydra_help
+        or args.shell_completion
+        or args.config_path
+        or args.config_name
+        or args.config_dir
+        or args.experimental_rerun
+        or args.info
+    ):
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception as e:  # noqa: BLE001 - an unparsable override is a config error
+        raise config_error(e) from e
+    keep = [
+        text
+        for text, ov in zip(args.overrides, parsed)
+        if not ov.is_hydra_override() and not (args.multirun and ov.is_sweep_override())
+    ]
+    validate(to_job_config(compose_config(keep)), _world_size())
+
+
+@hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
+def run(cfg: DictConfig) -> None:
+    """The Hydra job: type and validate the composed config, then train."""
+    from trainer.trainer import Trainer  # heavy imports (model, data) only for a real run
+
+    try:
+        job = to_job_config(cfg)
+        world_size = _world_size()
+        validate(job, world_size)
+        if world_size > 1:
+            raise ConfigError(
+                "parallel",
+                f"parallel: WORLD_SIZE={world_size} but multi-rank training is not wired into the trainer yet "
+                "(run a single process)",
+            )
+        Trainer(job, rank=0, dp_rank=0, dp_size=1).train()
+    except (ConfigError, DataError) as e:
+        _fail(e)
+
+
+def main() -> None:
+    register_configs()
+    try:
+        precheck(sys.argv[1:])
+    except (ConfigError, DataError) as e:
+        _fail(e)
+    run()
+
+
+if __name__ == "__main__":
+    main()

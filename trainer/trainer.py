@@ -1,0 +1,235 @@
+"""The training loop. `Trainer(cfg).train()` builds everything from the config, resumes from the
+newest checkpoint if there is one, trains, validates, checkpoints, and returns a `RunSummary`.
+
+`train()` only sequences the phases; each phase is a method or a function in `trainer/setup.py`,
+`trainer/step.py`, `trainer/optim.py`, `trainer/checkpoint.py`, `trainer/metrics.py`.
+Data-parallel rank/size are passed in (no global state), so the distributed setup can wrap it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import DataError
+from trainer import checkpoint
+from trainer.checkpoint import RNGState, Stateful, TrainProgress
+from trainer.config import JobConfig
+from trainer.errors import ConfigError
+from trainer.flops import flops_per_token, peak_flops
+from trainer.layout import num_microbatches
+from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
+from trainer.optim import apply_config, build_optimizer, build_scheduler, clip_grad_norm
+from trainer.setup import autocast_for, build_data, build_model, num_params, resolve_device
+from trainer.step import StepLosses, evaluate, forward_backward
+
+
+@dataclass
+class StepResult:
+    losses: StepLosses
+    lr: float
+    grad_norm: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class RunSummary:
+    start_step: int = 0
+    final_step: int = 0
+    final_train_loss: float | None = None
+    first_val_loss: float | None = None
+    final_val_loss: float | None = None
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    checkpoint: Path | None = None
+    resumed_from: Path | None = None
+    metrics_path: Path | None = None
+    wandb_path: Path | None = None
+
+    def lines(self) -> list[str]:
+        def fmt(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
+
+        return [
+            "moeforge run summary",
+            f"  steps            {self.start_step} -> {self.final_step}"
+            + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
+            f"  train loss       {fmt(self.final_train_loss)} (final)",
+            f"  val loss         {fmt(self.first_val_loss)} (first) -> {fmt(self.final_val_loss)} (final)",
+            f"  throughput       {self.tokens_per_s:,.0f} tokens/s",
+            f"  wall time        {self.wall_s:.1f} s",
+            f"  checkpoint       {self.checkpoint}",
+            f"  metrics          {self.metrics_path or 'off'}",
+            f"  wandb            {self.wandb_path or 'off'}",
+        ]
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, *, rank: int = 0, dp_rank: int = 0, dp_size: int = 1) -> None:
+        self.cfg, self.rank, self.dp_rank, self.dp_size = cfg, rank, dp_rank, dp_size
+        self.device = resolve_device(cfg.train.device)
+        self.autocast = autocast_for(self.device)
+        seed = cfg.train.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self.train_loader, self.val_batches = build_data(cfg, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
+        self.model = build_model(cfg.model, self.device, seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.progress = TrainProgress()
+        self.num_microbatches = num_microbatches(cfg, dp_size)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device)
+        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        self._saved_step = -1
+
+    def state(self) -> dict[str, Stateful]:
+        """Everything a bitwise resume needs, as named `state_dict()`-able parts."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "data": self.train_loader,
+            "rng": RNGState(),
+            "progress": self.progress,
+        }
+
+    def train(self) -> RunSummary:
+        cfg, steps = self.cfg, self.cfg.train.steps
+        summary = RunSummary(resumed_from=self.resume())
+        summary.start_step = self.progress.step
+        metrics = self.open_metrics()
+        summary.metrics_path, summary.wandb_path = metrics.metrics_path, metrics.wandb_path
+        wall_start, train_seconds, train_tokens = time.perf_counter(), 0.0, 0
+        interval_seconds, interval_tokens = 0.0, 0
+        try:
+            if summary.resumed_from:
+                metrics.print(f"resumed from {summary.resumed_from} (step {self.progress.step})")
+            summary.first_val_loss = self.validate(metrics)
+            while self.progress.step < steps:
+                result = self.train_step()
+                step = self.progress.step
+                tokens = result.losses.num_input_tokens
+                train_seconds, train_tokens = train_seconds + result.seconds, train_tokens + tokens
+                interval_seconds += result.seconds
+                interval_tokens += tokens
+                metrics.advance(step)
+                if step % cfg.train.log_every == 0 or step == steps or step == summary.start_step + 1:
+                    record = self.step_metrics(result, interval_tokens, interval_seconds)
+                    metrics.log(step, record, steps)
+                    summary.final_train_loss = record["loss"]
+                    interval_seconds, interval_tokens = 0.0, 0
+                if cfg.train.val_every and step % cfg.train.val_every == 0 and step < steps:
+                    self.validate(metrics)
+                if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < steps:
+                    self.save()
+            summary.final_val_loss = self.validate(metrics)
+            summary.checkpoint = self.save()
+        finally:
+            metrics.close()
+        summary.final_step = self.progress.step
+        summary.tokens_per_s = train_tokens / train_seconds if train_seconds else 0.0
+        summary.wall_s = time.perf_counter() - wall_start
+        if self.rank == 0:
+            metrics.console.print("\n".join(summary.lines()), markup=False)
+        return summary
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: accumulate gradients over the micro-batches, clip, step, then let the
+        MoE layers update their expert bias from the step's counts."""
+        start = time.perf_counter()
+        batches = [next(self.train_loader) for _ in range(self.num_microbatches)]
+        losses = forward_backward(
+            self.model,
+            batches,
+            mtp_coef=self.cfg.model.mtp_loss_coef,
+            device=self.device,
+            autocast=self.autocast,
+        )
+        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.model.end_of_step()
+        self.progress.step += 1
+        self.progress.tokens += losses.num_input_tokens * self.dp_size
+        if self.device.type == "cuda":
+            # Time the GPU work, not the kernel launches. Cheap: the MoE layers already read their
+            # aux loss on the host once per micro-batch, so the queue is short here.
+            torch.cuda.synchronize(self.device)
+        return StepResult(losses=losses, lr=lr, grad_norm=grad_norm, seconds=time.perf_counter() - start)
+
+    def step_metrics(self, result: StepResult, tokens: int, seconds: float) -> dict[str, float]:
+        """The log record of a step; throughput is over the interval since the previous record."""
+        losses = result.losses
+        return {
+            "loss": float(losses.total),
+            "ce_loss": float(losses.ce),
+            "aux_loss": losses.aux,
+            "mtp_loss": float(losses.mtp),
+            "lr": result.lr,
+            "grad_norm": float(result.grad_norm),
+            "tokens": self.progress.tokens,
+            **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
+            **moe_summary(self.model.moe_stats()),
+            "peak_mem_gib": peak_memory_gib(self.device),
+        }
+
+    def validate(self, metrics: MetricsLogger) -> float | None:
+        if not self.val_batches:
+            return None
+        loss = evaluate(self.model, self.val_batches, device=self.device, autocast=self.autocast)
+        metrics.log_validation(self.progress.step, loss)
+        return loss
+
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint in `checkpoint.dir` when `checkpoint.resume`."""
+        found = checkpoint.load_latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        if found is None:
+            return None
+        step, path, parts = found
+        try:
+            checkpoint.restore(self.state(), parts, path)
+        except DataError as e:  # the loader's position does not fit this data config
+            fix = "or set checkpoint.resume=false, or use another run.dir"
+            raise ConfigError(
+                "checkpoint.dir", f"checkpoint.dir: {path}: {str(e).removeprefix('data: ')} ({fix})"
+            ) from e
+        apply_config(self.optimizer, self.scheduler, self.cfg.optim)
+        self._saved_step = step
+        return path
+
+    def save(self) -> Path:
+        path = self.ckpt_dir / f"step-{self.progress.step}"
+        if self._saved_step != self.progress.step:
+            extra = {"tokens": self.progress.tokens, "config": dataclasses.asdict(self.cfg)}
+            path = checkpoint.save(
+                self.ckpt_dir, self.progress.step, self.state(), self.cfg.checkpoint.keep_last, extra
+            )
+            self._saved_step = self.progress.step
+        return path
+
+    def open_metrics(self) -> MetricsLogger:
+        logger = MetricsLogger(
+            self.cfg.logging,
+            Path(self.cfg.run.dir),
+            total_steps=self.cfg.train.steps,
+            start_step=self.progress.step,
+            run_name=self.cfg.run.name,
+            config=dataclasses.asdict(self.cfg),
+            rank=self.rank,
+        )
+        total = num_params(self.model)
+        logger.print(
+            f"moeforge: {self.cfg.run.name} | {total / 1e6:.2f}M params | device {self.device} | "
+            f"{self.num_microbatches} micro-batches/step | run dir {self.cfg.run.dir}"
+        )
+        return logger

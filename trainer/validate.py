@@ -1,0 +1,219 @@
+"""Config validation, once, at the edge: every check raises `ConfigError` with one line that names
+the dotted field, its value and the fix. Nothing downstream re-checks these (STYLE.md).
+
+`validate(cfg, world_size)` is pure: no data reads, no process groups. The parallel-layout checks
+live in `trainer/layout.py`; the data itself (readable shards, vocab size) is checked when it is
+opened, in `trainer/setup.py:build_data`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trainer.config import JobConfig
+from trainer.errors import bad_value
+from trainer.layout import check_layout, data_parallel_size
+from trainer.validate_helpers import divides, fraction, one_of, positive
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
+ATTENTIONS = ("gqa", "mla")
+SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw",)
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_FORMATS = ("parquet", "megatron")
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> None:
+    """Raise `ConfigError` for the first config value that cannot work at this world size."""
+    _check_model(cfg)
+    _check_data(cfg)
+    check_layout(cfg, world_size)
+    _check_optim_and_train(cfg, world_size)
+    _check_run(cfg)
+
+
+def _check_model(cfg: JobConfig) -> None:
+    m = cfg.model
+    positive(m, "model", ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"))
+    positive(m, "model", ("rope_theta", "norm_eps", "init_std"))
+    positive(m, "model", ("head_dim", "first_k_dense", "mtp_depth", "mtp_loss_coef"), allow_zero=True)
+    positive(m, "model", ("moe_layer_freq",))
+    one_of("model.attention", m.attention, ATTENTIONS)
+    if m.attention == "gqa":
+        divides(
+            "model.num_heads",
+            m.num_heads,
+            "model.num_kv_heads",
+            m.num_kv_heads,
+            "use a num_kv_heads that divides num_heads",
+        )
+    if m.head_dim == 0:
+        divides(
+            "model.dim",
+            m.dim,
+            "model.num_heads",
+            m.num_heads,
+            "change dim or num_heads, or set model.head_dim",
+        )
+    if m.first_k_dense > m.num_layers:
+        raise bad_value(
+            "model.first_k_dense",
+            m.first_k_dense,
+            f"must be <= model.num_layers={m.num_layers}",
+            "lower first_k_dense",
+        )
+    has_dense = m.first_k_dense > 0 or m.moe_layer_freq > 1
+    if has_dense and m.ffn_hidden <= 0:
+        raise bad_value(
+            "model.ffn_hidden", m.ffn_hidden, "must be > 0 (the model has dense layers)", "set ffn_hidden"
+        )
+    if m.attention == "mla":
+        positive(m.mla, "model.mla", ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"))
+        positive(m.mla, "model.mla", ("q_lora_rank", "qk_nope_head_dim"), allow_zero=True)
+        if m.mla.qk_rope_head_dim % 2:
+            raise bad_value(
+                "model.mla.qk_rope_head_dim",
+                m.mla.qk_rope_head_dim,
+                "must be even (RoPE rotates pairs)",
+                "use an even size",
+            )
+    elif m.resolved_head_dim % 2:
+        raise bad_value(
+            "model.head_dim",
+            m.resolved_head_dim,
+            "must be even (RoPE rotates pairs)",
+            "use an even head size",
+        )
+    if any(m.is_moe_layer(i) for i in range(m.num_layers)):
+        _check_moe(cfg)
+
+
+def _check_moe(cfg: JobConfig) -> None:
+    e = cfg.model.moe
+    positive(e, "model.moe", ("num_experts", "moe_ffn_hidden", "num_groups", "routed_scaling_factor"))
+    positive(e, "model.moe", ("num_shared_experts", "shared_ffn_hidden", "router_jitter"), allow_zero=True)
+    positive(
+        e,
+        "model.moe",
+        ("capacity_factor", "aux_loss_coef", "z_loss_coef", "bias_update_rate"),
+        allow_zero=True,
+    )
+    if e.top_k < 1:
+        raise bad_value("model.moe.top_k", e.top_k, "must be >= 1", "route each token to at least one expert")
+    if e.top_k > e.num_experts:
+        raise bad_value(
+            "model.moe.top_k",
+            e.top_k,
+            f"must be <= model.moe.num_experts={e.num_experts}",
+            "lower top_k or add experts",
+        )
+    one_of("model.moe.score_func", e.score_func, SCORE_FUNCS)
+    one_of("model.moe.drop_policy", e.drop_policy, DROP_POLICIES)
+    one_of("model.moe.aux_loss_scope", e.aux_loss_scope, AUX_LOSS_SCOPES)
+    divides(
+        "model.moe.num_experts",
+        e.num_experts,
+        "model.moe.num_groups",
+        e.num_groups,
+        "use a num_groups that divides num_experts",
+    )
+    if not 1 <= e.topk_groups <= e.num_groups:
+        raise bad_value(
+            "model.moe.topk_groups",
+            e.topk_groups,
+            f"must be in [1, model.moe.num_groups={e.num_groups}]",
+            "change topk_groups",
+        )
+    reachable = e.topk_groups * (e.num_experts // e.num_groups)
+    if e.top_k > reachable:
+        raise bad_value(
+            "model.moe.top_k",
+            e.top_k,
+            f"must be <= model.moe.topk_groups * experts per group = {reachable}",
+            "raise topk_groups or lower top_k",
+        )
+
+
+def _check_data(cfg: JobConfig) -> None:
+    d = cfg.data
+    positive(d, "data", ("seq_len", "micro_batch_size", "tokenizer_vocab_size"))
+    positive(d, "data", ("val_batches",), allow_zero=True)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise bad_value("data.val_fraction", d.val_fraction, "must be in [0, 1)", "hold out a smaller share")
+    if d.seq_len > cfg.model.max_seq_len:
+        raise bad_value(
+            "data.seq_len",
+            d.seq_len,
+            f"must be <= model.max_seq_len={cfg.model.max_seq_len}",
+            "shorten seq_len or raise max_seq_len",
+        )
+    if not d.sources and not d.cache_dir:
+        raise bad_value("data.cache_dir", "''", "is empty", "set a directory for the prepared default corpus")
+    for i, src in enumerate(d.sources):
+        field = f"data.sources[{i}]"
+        one_of(f"{field}.format", src.format, DATA_FORMATS)
+        if src.weight <= 0:
+            raise bad_value(
+                f"{field}.weight", src.weight, "must be > 0", "drop the source instead of weighting it 0"
+            )
+        path = os.path.expanduser(src.path)
+        if not src.path:
+            raise bad_value(
+                f"{field}.path", "''", "is empty", "point it at a prepared dataset (python -m data.prepare)"
+            )
+        missing = (
+            [p for p in (path + ".bin", path + ".idx") if not os.path.exists(p)]
+            if src.format == "megatron"
+            else ([] if os.path.isdir(path) else [path])
+        )
+        if missing:
+            problem = f"has no {missing[0]}" if src.format == "megatron" else "does not exist"
+            raise bad_value(f"{field}.path", src.path, problem, "check the path or prepare the dataset")
+
+
+def _check_optim_and_train(cfg: JobConfig, world_size: int) -> None:
+    o, t = cfg.optim, cfg.train
+    one_of("optim.name", o.name, OPTIMIZERS)
+    one_of("optim.schedule", o.schedule, SCHEDULES)
+    positive(o, "optim", ("lr", "eps"))
+    positive(o, "optim", ("weight_decay", "grad_clip", "warmup_steps"), allow_zero=True)
+    fraction("optim.min_lr_ratio", o.min_lr_ratio)
+    fraction("optim.decay_fraction", o.decay_fraction, low_open=o.schedule == "wsd")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise bad_value(f"optim.{name}", getattr(o, name), "must be in [0, 1)", "use e.g. 0.9 / 0.95")
+    positive(t, "train", ("steps", "global_batch_size", "log_every"))
+    positive(t, "train", ("val_every",), allow_zero=True)
+    one_of("train.device", t.device, DEVICES)
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise bad_value(
+            "train.device", t.device, "but no CUDA device is visible", "use train.device=auto or cpu"
+        )
+    if o.warmup_steps > t.steps:
+        raise bad_value(
+            "optim.warmup_steps", o.warmup_steps, f"must be <= train.steps={t.steps}", "shorten the warmup"
+        )
+    per_step = cfg.data.micro_batch_size * data_parallel_size(cfg, world_size)
+    if t.global_batch_size % per_step:
+        raise bad_value(
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"must be divisible by data.micro_batch_size * dp = {cfg.data.micro_batch_size} * "
+            f"{data_parallel_size(cfg, world_size)} = {per_step}",
+            f"use a multiple of {per_step}",
+        )
+
+
+def _check_run(cfg: JobConfig) -> None:
+    c, lg = cfg.checkpoint, cfg.logging
+    positive(c, "checkpoint", ("save_every",), allow_zero=True)
+    positive(c, "checkpoint", ("keep_last",))
+    one_of("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
+    for field, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", c.dir)):
+        if not value:
+            raise bad_value(field, "''", "is empty", "set a directory")

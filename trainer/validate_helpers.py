@@ -1,0 +1,32 @@
+"""Small checks shared by `trainer/validate.py` and `trainer/layout.py`; each raises a one-line
+`ConfigError` of the form `field=value <problem> (<fix>)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from trainer.errors import bad_value
+
+
+def positive(obj: object, prefix: str, names: Iterable[str], allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            need = ">= 0" if allow_zero else "> 0"
+            raise bad_value(f"{prefix}.{name}", value, f"must be {need}", f"set a value {need}")
+
+
+def one_of(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise bad_value(field, value, "is not a known option", f"use one of: {' | '.join(choices)}")
+
+
+def divides(field: str, value: int, by_field: str, by: int, fix: str) -> None:
+    if by > 0 and value % by != 0:
+        raise bad_value(field, value, f"must be divisible by {by_field}={by}", fix)
+
+
+def fraction(field: str, value: float, low_open: bool = False) -> None:
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise bad_value(field, value, f"must be in {interval}", f"pick a value in {interval}")
