@@ -30,6 +30,13 @@ class ModelOutput:
     aux_loss: float  # MoE balancing + z losses of this micro-batch, for logging only
 
 
+def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 over the non-ignored labels."""
+    return F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -94,12 +101,17 @@ class Transformer(nn.Module):
             moe.reset_buffers()
 
     # ---- forward ----------------------------------------------------------------------------
-    def forward(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> ModelOutput:
-        h_BSD = self.tok_embeddings(tokens_BS)
+    def forward(self, inputs: torch.Tensor, labels_BS: torch.Tensor | None = None):
+        """With labels: the whole model, returning its losses (`ModelOutput`). Without labels: one
+        pipeline stage (parallel/pipeline.py keeps only some layers, and the embedding / final
+        norm only on the first / last stage), returning the hidden state for the next stage."""
+        h_BSD = self.tok_embeddings(inputs) if self.tok_embeddings is not None else inputs
         for layer in self.layers.values():
             h_BSD = layer(h_BSD, self.rope_cos, self.rope_sin)
+        if labels_BS is None:
+            return self.norm(h_BSD) if self.norm is not None else h_BSD
         ce_sum = self._ce_sum(self.norm(h_BSD), labels_BS)
-        mtp_ce_sum = self._mtp_ce_sum(h_BSD, tokens_BS, labels_BS) if len(self.mtp) else ce_sum.new_zeros(())
+        mtp_ce_sum = self._mtp_ce_sum(h_BSD, inputs, labels_BS) if len(self.mtp) else ce_sum.new_zeros(())
         return ModelOutput(
             ce_sum=ce_sum,
             num_tokens=int((labels_BS != IGNORE_INDEX).sum()),
@@ -108,14 +120,11 @@ class Transformer(nn.Module):
         )
 
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h_BSD, weight)
+        # Through the module (not its weight), so tensor-parallel plans on `output` apply.
+        return self.output(h_BSD) if self.output is not None else F.linear(h_BSD, self.tok_embeddings.weight)
 
     def _ce_sum(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        logits_BSV = self.logits(h_BSD).float()
-        return F.cross_entropy(
-            logits_BSV.flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        return cross_entropy_sum(self.logits(h_BSD), labels_BS)
 
     def _mtp_ce_sum(self, h_BSD: torch.Tensor, tokens_BS: torch.Tensor, labels_BS: torch.Tensor):
         """Depth k predicts the token k+1 positions ahead from the embedding of the token k ahead.

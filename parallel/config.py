@@ -1,8 +1,12 @@
-"""Parallel layout configuration. `dp = -1` means "whatever the world size leaves over"."""
+"""Parallel layout configuration. `dp = -1` means "whatever the world size leaves over".
+
+world_size = pp * dp * tp; expert parallelism is carved out of dp (each expert lives on one of
+`ep` ranks; its gradients are synced over the dp // ep expert-data-parallel ranks).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -10,5 +14,11 @@ class ParallelConfig:
     dp: int = -1
     tp: int = 1
     pp: int = 1
-    ep: int = 1  # carved out of dp: experts sharded over ep ranks, synced over dp // ep
+    ep: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    dp_engine: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp (replicated; gradient compression hooks in)
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded along the sequence
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble
+    pp_stages_per_rank: int = 1  # > 1 for interleaved schedules (virtual stages)
+    # Optional explicit split: layers per stage (pp * pp_stages_per_rank entries); default: even.
+    pp_layers_per_stage: list[int] = field(default_factory=list)

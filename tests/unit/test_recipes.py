@@ -99,7 +99,7 @@ def assert_counts_match_module(cfg: ModelConfig) -> None:
     skipped = 0
     for name, module in model.named_modules():
         if isinstance(module, GroupedExperts) and not name.startswith("mtp."):
-            num_experts = module.num_local_experts
+            num_experts = module.w1.shape[0]
             per_expert = sum(p.numel() for p in module.parameters()) // num_experts
             skipped += (num_experts - cfg.moe.top_k) * per_expert
     assert total - skipped == active

@@ -1,0 +1,75 @@
+"""`ParallelDims`: the parallel layout as numbers, and the one named DeviceMesh built from it.
+
+Mesh axes, outermost first: ("pp", "edp", "ep", "tp"). Data parallelism is the flattened
+("edp", "ep") axis "dp": dense parameters are sharded/replicated over "dp"; each expert lives on
+one "ep" rank and its gradients are reduced over "edp" (= dp / ep). Components ask for these
+meshes by name instead of building process groups. The layout is validated before any process
+group exists, in `trainer/layout.py`; here it is assumed valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: replicas of each expert."""
+        return self.dp // self.ep
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Meshes:
+    """Sub-meshes of one root mesh; a dimension of size 1 still has its (trivial) mesh."""
+
+    root: DeviceMesh
+    pp: DeviceMesh
+    dp: DeviceMesh
+    edp: DeviceMesh
+    ep: DeviceMesh
+    tp: DeviceMesh
+    dp_ep: DeviceMesh  # ("edp", "ep") as a 2-D mesh: the experts' data-parallel x expert layout
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pp.get_local_rank()
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+    """Create the root mesh over all ranks (the default process group must exist)."""
+    assert dist.is_initialized() and dist.get_world_size() == dims.world_size
+    root = init_device_mesh(
+        device_type, (dims.pp, dims.edp, dims.ep, dims.tp), mesh_dim_names=("pp", "edp", "ep", "tp")
+    )
+    dp = root["edp", "ep"]._flatten("dp")
+    return Meshes(
+        root=root,
+        pp=root["pp"],
+        dp=dp,
+        edp=root["edp"],
+        ep=root["ep"],
+        tp=root["tp"],
+        dp_ep=root["edp", "ep"],
+    )
