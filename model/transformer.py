@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from model.attention import build_attention
 from model.config import ModelConfig
@@ -91,9 +92,15 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Fill every parameter with its layout-independent initial value (see model/init.py) and
-        reset buffers. Works after `to_empty()` on a model built on the meta device."""
+        reset buffers. Works after `to_empty()` on a model built on the meta device, also when
+        parallel/ has pruned it to a pipeline stage or sharded its parameters as DTensors."""
         for name, param in self.named_parameters():
-            param.copy_(initial_value(name, param.shape, seed, self.cfg))
+            full = initial_value(name, param.shape, seed, self.cfg).to(param.device)
+            if isinstance(param, DTensor):
+                # Sharded by parallel/: every rank computes the same full value and keeps its
+                # slice (no communication), so each layout starts from the single-process weights.
+                full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(full)
         cos, sin = rope_tables(self.rotary_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
