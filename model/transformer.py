@@ -28,7 +28,6 @@ class ModelOutput:
     ce_sum: torch.Tensor  # sum of next-token cross-entropy over non-ignored labels
     num_tokens: int  # number of non-ignored labels
     mtp_ce_sum: torch.Tensor  # multi-token-prediction CE sum, averaged over depths (0 if none)
-    aux_loss: float  # MoE balancing + z losses of this micro-batch, for logging only
 
 
 def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
@@ -123,7 +122,6 @@ class Transformer(nn.Module):
             ce_sum=ce_sum,
             num_tokens=int((labels_BS != IGNORE_INDEX).sum()),
             mtp_ce_sum=mtp_ce_sum,
-            aux_loss=sum(moe.last_aux_loss for moe in self.moe_layers()) if self.training else 0.0,
         )
 
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,11 @@ group exists, in `trainer/layout.py`; here it is assumed valid.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -73,3 +76,15 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
         tp=root["tp"],
         dp_ep=root["edp", "ep"],
     )
+
+
+def init_distributed(dims: ParallelDims, backend: str, timeout_s: float = 600.0) -> Meshes:
+    """Join the torchrun job (env:// rendezvous) and build the meshes. `backend` auto: NCCL when
+    this process has a GPU, else gloo; each rank uses the GPU of its LOCAL_RANK."""
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return build_meshes(dims, "cuda" if use_cuda else "cpu")

@@ -4,7 +4,7 @@
     python -m trainer recipe=tiny_cpu train.steps=50 optim.lr=1e-3 model.moe.num_experts=16
     python -m trainer --cfg job                         # print the composed config and exit
     python -m trainer -m optim.lr=1e-3,3e-3             # a Hydra multirun sweep
-    torchrun --nproc-per-node=N -m trainer ...          # (multi-rank: lands with parallel/)
+    torchrun --nproc-per-node=4 -m trainer parallel.ep=2 parallel.tp=2   # 4 ranks: dp2 (ep2) x tp2
 
 The config is composed from `recipes/config.yaml` (Hydra) with the command-line overrides. Before
 Hydra runs the job, the same composition is done with the compose API and validated, so a bad
@@ -81,19 +81,23 @@ def precheck(argv: list[str]) -> None:
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
 def run(cfg: DictConfig) -> None:
     """The Hydra job: type and validate the composed config, then train."""
+    import torch.distributed as dist
+
+    from parallel.dims import init_distributed
+    from trainer.layout import parallel_dims
     from trainer.trainer import Trainer  # heavy imports (model, data) only for a real run
 
     try:
         job = to_job_config(cfg)
         world_size = _world_size()
         validate(job, world_size)
-        if world_size > 1:
-            raise ConfigError(
-                "parallel",
-                f"parallel: WORLD_SIZE={world_size} but multi-rank training is not wired into the trainer yet "
-                "(run a single process)",
-            )
-        Trainer(job, rank=0, dp_rank=0, dp_size=1).train()
+        dims = parallel_dims(job, world_size)
+        meshes = init_distributed(dims, job.parallel.backend) if dims.distributed else None
+        try:
+            Trainer(job, dims, meshes).train()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except (ConfigError, DataError) as e:
         _fail(e)
 

@@ -5,6 +5,7 @@ heads by tp, layers by pp). Extended by the distributed issue; single process to
 
 from __future__ import annotations
 
+from parallel.dims import ParallelDims
 from trainer.config import JobConfig
 from trainer.errors import bad_value
 from trainer.validate_helpers import divides, one_of, positive
@@ -16,6 +17,12 @@ def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     """`parallel.dp`, with -1 resolved to what the world size leaves after tp and pp."""
     p = cfg.parallel
     return p.dp if p.dp != -1 else world_size // max(1, p.tp * p.pp)
+
+
+def parallel_dims(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """The validated layout as numbers (`check_layout` has run)."""
+    p = cfg.parallel
+    return ParallelDims(dp=data_parallel_size(cfg, world_size), tp=p.tp, pp=p.pp, ep=p.ep)
 
 
 def num_microbatches(cfg: JobConfig, dp_size: int) -> int:

@@ -9,11 +9,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
-from torch import nn
 
 from data import Batch, DataError, TrainLoader, build_train_loader, build_val_batches, dataset_vocab_size
-from model import Transformer
-from model.config import ModelConfig
 from trainer.config import JobConfig
 from trainer.errors import ConfigError, bad_value
 
@@ -32,16 +29,6 @@ def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager]:
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
-    """Build on the meta device (no memory), materialize on `device`, then initialize with a
-    layout-independent seed; the same path parallel/ takes, so every layout starts identical."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed)
-    return model
 
 
 def build_data(
@@ -74,12 +61,3 @@ def data_config_error(cfg: JobConfig, err: DataError) -> ConfigError:
             break
     text = str(err).removeprefix("data:").strip()
     return ConfigError(field, f"{field}: {text}")
-
-
-def count_label_tokens(batches: list[Batch]) -> int:
-    """Non-ignored labels in a step's micro-batches: the loss denominator (one host sync per step)."""
-    return int(sum((b.labels != -100).sum() for b in batches))
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -16,17 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from data import DataError
+from model.params import count_params
+from parallel.data_parallel import clip_grads_
+from parallel.dims import Meshes, ParallelDims
+from parallel.parallelize import parallelize
 from trainer import checkpoint
-from trainer.checkpoint import RNGState, Stateful, TrainProgress
+from trainer.checkpoint import RNGState, ShardedModelOptimizer, Stateful, TrainProgress
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
 from trainer.flops import flops_per_token, peak_flops
 from trainer.layout import num_microbatches
 from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
-from trainer.optim import apply_config, build_optimizer, build_scheduler, clip_grad_norm
-from trainer.setup import autocast_for, build_data, build_model, num_params, resolve_device
+from trainer.optim import apply_config, build_optimizer, build_scheduler
+from trainer.setup import autocast_for, build_data, resolve_device
 from trainer.step import StepLosses, evaluate, forward_backward
 
 
@@ -71,8 +77,13 @@ class RunSummary:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, *, rank: int = 0, dp_rank: int = 0, dp_size: int = 1) -> None:
-        self.cfg, self.rank, self.dp_rank, self.dp_size = cfg, rank, dp_rank, dp_size
+    def __init__(
+        self, cfg: JobConfig, dims: ParallelDims | None = None, meshes: Meshes | None = None
+    ) -> None:
+        """`dims`/`meshes` describe the parallel layout (default: one process, no process group)."""
+        self.cfg, self.dims, self.meshes = cfg, dims or ParallelDims(), meshes
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        dp_rank, dp_size = (meshes.dp_rank if meshes else 0), self.dims.dp
         self.device = resolve_device(cfg.train.device)
         self.autocast = autocast_for(self.device)
         seed = cfg.train.seed
@@ -80,11 +91,13 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         self.train_loader, self.val_batches = build_data(cfg, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
-        self.model = build_model(cfg.model, self.device, seed)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device.type)
+        self.num_microbatches = num_microbatches(cfg, dp_size)
+        self.pm = parallelize(
+            cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches
+        )
+        self.optimizer = build_optimizer(nn.ModuleList(self.pm.parts), cfg.optim, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.progress = TrainProgress()
-        self.num_microbatches = num_microbatches(cfg, dp_size)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.ckpt_dir = Path(cfg.checkpoint.dir)
@@ -93,8 +106,7 @@ class Trainer:
     def state(self) -> dict[str, Stateful]:
         """Everything a bitwise resume needs, as named `state_dict()`-able parts."""
         return {
-            "model": self.model,
-            "optimizer": self.optimizer,
+            "model_optimizer": ShardedModelOptimizer(self.pm.parts, self.optimizer),
             "scheduler": self.scheduler,
             "data": self.train_loader,
             "rng": RNGState(),
@@ -147,20 +159,20 @@ class Trainer:
         start = time.perf_counter()
         batches = [next(self.train_loader) for _ in range(self.num_microbatches)]
         losses = forward_backward(
-            self.model,
+            self.pm,
             batches,
             mtp_coef=self.cfg.model.mtp_loss_coef,
             device=self.device,
             autocast=self.autocast,
         )
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
+        grad_norm = clip_grads_(self.pm.parameters(), self.cfg.optim.grad_clip, self.pm.group("pp"))
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.model.end_of_step()
+        self.pm.end_of_step()
         self.progress.step += 1
-        self.progress.tokens += losses.num_input_tokens * self.dp_size
+        self.progress.tokens += losses.num_input_tokens * self.dims.dp
         if self.device.type == "cuda":
             # Time the GPU work, not the kernel launches. Cheap: the MoE layers already read their
             # aux loss on the host once per micro-batch, so the queue is short here.
@@ -173,31 +185,31 @@ class Trainer:
         return {
             "loss": float(losses.total),
             "ce_loss": float(losses.ce),
-            "aux_loss": losses.aux,
+            "aux_loss": float(losses.aux),
             "mtp_loss": float(losses.mtp),
             "lr": result.lr,
             "grad_norm": float(result.grad_norm),
             "tokens": self.progress.tokens,
             **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
-            **moe_summary(self.model.moe_stats()),
+            **moe_summary(self.pm.moe_stats()),
             "peak_mem_gib": peak_memory_gib(self.device),
         }
 
     def validate(self, metrics: MetricsLogger) -> float | None:
         if not self.val_batches:
             return None
-        loss = evaluate(self.model, self.val_batches, device=self.device, autocast=self.autocast)
+        loss = evaluate(self.pm, self.val_batches, device=self.device, autocast=self.autocast)
         metrics.log_validation(self.progress.step, loss)
         return loss
 
     def resume(self) -> Path | None:
         """Load the newest complete checkpoint in `checkpoint.dir` when `checkpoint.resume`."""
-        found = checkpoint.load_latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        found = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if found is None:
             return None
-        step, path, parts = found
+        step, path = found
         try:
-            checkpoint.restore(self.state(), parts, path)
+            checkpoint.restore(self.state(), path)
         except DataError as e:  # the loader's position does not fit this data config
             fix = "or set checkpoint.resume=false, or use another run.dir"
             raise ConfigError(
@@ -227,9 +239,11 @@ class Trainer:
             config=dataclasses.asdict(self.cfg),
             rank=self.rank,
         )
-        total = num_params(self.model)
+        total, active = count_params(self.cfg.model, include_mtp=True)
+        d = self.dims
         logger.print(
-            f"moeforge: {self.cfg.run.name} | {total / 1e6:.2f}M params | device {self.device} | "
-            f"{self.num_microbatches} micro-batches/step | run dir {self.cfg.run.dir}"
+            f"moeforge: {self.cfg.run.name} | {total / 1e6:.2f}M params ({active / 1e6:.2f}M active) | "
+            f"device {self.device} | layout dp={d.dp} ep={d.ep} tp={d.tp} pp={d.pp} | "
+            f"{self.num_microbatches} micro-batches/step/rank | run dir {self.cfg.run.dir}"
         )
         return logger

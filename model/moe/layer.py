@@ -33,16 +33,17 @@ class MoE(nn.Module):
         self.reduce_counts: CountsReducer | None = None
         # Weight of this micro-batch's aux loss in the step's gradient; set by the trainer.
         self.aux_loss_scale = 1.0
-        self.last_aux_loss = 0.0
-        # Per-step expert load, accumulated over micro-batches (training only).
+        # Per-step expert load and aux loss, accumulated over micro-batches (training only).
         self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("step_dropped", torch.zeros(()), persistent=False)
+        self.register_buffer("step_aux_loss", torch.zeros(()), persistent=False)
         self.last_step_stats: dict[str, float] = {}
 
     def reset_buffers(self) -> None:
         self.router.reset_buffers()
         self.step_counts_E.zero_()
         self.step_dropped.zero_()
+        self.step_aux_loss.zero_()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -66,7 +67,7 @@ class MoE(nn.Module):
             self._record_load(routing.experts_TK, keep_TK)
             if torch.is_grad_enabled() and (cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0):
                 aux_loss = self._aux_loss(routing.probs_TE, routing.logits_TE, routing.experts_TK, S)
-                self.last_aux_loss = float(aux_loss.detach())
+                self.step_aux_loss += aux_loss.detach()
                 y_TD = AuxLossInjector.apply(y_TD, aux_loss, self.aux_loss_scale)
         return y_TD.view(B, S, D)
 
@@ -106,3 +107,4 @@ class MoE(nn.Module):
             self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
         self.step_counts_E.zero_()
         self.step_dropped.zero_()
+        self.step_aux_loss.zero_()

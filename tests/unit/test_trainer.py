@@ -15,13 +15,15 @@ from torch import nn
 from data import Batch
 from model import Transformer
 from model.config import ModelConfig, MoEConfig
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
+from parallel.parallelize import ParallelModel, parallelize
 from trainer import checkpoint
-from trainer.checkpoint import RNGState, TrainProgress
+from trainer.checkpoint import RNGState, ShardedModelOptimizer, TrainProgress
 from trainer.compose import load_config
 from trainer.config import OptimConfig
 from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, build_scheduler, lr_factor_fn, weight_decay_split
-from trainer.setup import build_model
 from trainer.step import evaluate, forward_backward
 from trainer.trainer import Trainer
 
@@ -124,8 +126,7 @@ def make_state(seed: int = 0):
     opt.step()
     sched.step()
     return {
-        "model": model,
-        "optimizer": opt,
+        "model_optimizer": ShardedModelOptimizer([model], opt),
         "scheduler": sched,
         "rng": RNGState(),
         "progress": TrainProgress(1, 12),
@@ -137,12 +138,13 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, 1, state)
     expected_next = (torch.rand(3), random.random())
     fresh = make_state(1)
-    step, path, parts = checkpoint.load_latest(tmp_path)
+    step, path = checkpoint.latest(tmp_path)
     assert (step, path.name) == (1, "step-1")
-    checkpoint.restore(fresh, parts, path)
-    for a, b in zip(state["model"].parameters(), fresh["model"].parameters()):
+    checkpoint.restore(fresh, path)
+    saved, loaded = state["model_optimizer"], fresh["model_optimizer"]
+    for a, b in zip(saved.container.parameters(), loaded.container.parameters()):
         assert torch.equal(a, b)
-    sa, sb = state["optimizer"].state_dict()["state"], fresh["optimizer"].state_dict()["state"]
+    sa, sb = saved.optimizer.state_dict()["state"], loaded.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
     assert fresh["scheduler"].last_epoch == 1 and fresh["progress"] == TrainProgress(1, 12)
     assert (
@@ -157,24 +159,31 @@ def test_checkpoint_atomic_latest_and_keep_last(tmp_path: Path) -> None:
     assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [6, 8]
     assert (tmp_path / "latest").read_text().strip() == "step-8"
     (tmp_path / "step-10.tmp").mkdir()  # a save killed half-way
-    (tmp_path / "step-10.tmp" / "model.pt").write_bytes(b"garbage")
+    (tmp_path / "step-10.tmp" / "scheduler.pt").write_bytes(b"garbage")
     (tmp_path / "step-12").mkdir()  # no manifest: incomplete
-    assert checkpoint.load_latest(tmp_path)[0] == 8
+    assert checkpoint.latest(tmp_path)[0] == 8
     (tmp_path / "latest").unlink()  # lost pointer: newest complete directory wins
-    assert checkpoint.load_latest(tmp_path)[0] == 8
-    assert checkpoint.load_latest(tmp_path / "none") is None
+    assert checkpoint.latest(tmp_path)[0] == 8
+    assert checkpoint.latest(tmp_path / "none") is None
 
 
 def test_checkpoint_shape_mismatch_is_config_error(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, 1, make_state())
     other = make_state()
-    other["model"] = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
-    _, path, parts = checkpoint.load_latest(tmp_path)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
+    other["model_optimizer"] = ShardedModelOptimizer([model], build_optimizer(model, OptimConfig()))
+    _, path = checkpoint.latest(tmp_path)
     with pytest.raises(ConfigError, match=r"checkpoint.dir.*0.weight of shape \[8, 4\].*\[16, 4\]"):
-        checkpoint.restore(other, parts, path)
+        checkpoint.restore(other, path)
 
 
 # -- token-normalised loss with gradient accumulation ------------------------------------------
+
+
+def single_process(cfg, num_microbatches: int = 1) -> ParallelModel:
+    return parallelize(
+        cfg, ParallelConfig(), ParallelDims(), None, CPU, seed=3, num_microbatches=num_microbatches
+    )
 
 
 def make_batches(B: int, S: int, vocab: int) -> list[Batch]:
@@ -193,10 +202,10 @@ def test_accumulation_equals_full_batch(mtp_depth: int) -> None:
     full = [Batch(torch.cat([b.tokens for b in micro]), torch.cat([b.labels for b in micro]))]
     results = []
     for batches in (full, micro):
-        model = build_model(cfg, CPU, seed=3)
-        losses = forward_backward(model, batches, mtp_coef=0.3, device=CPU, autocast=nullcontext)
+        pm = single_process(cfg)
+        losses = forward_backward(pm, batches, mtp_coef=0.3, device=CPU, autocast=nullcontext)
         results.append(
-            (losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            (losses, {n: p.grad.clone() for n, p in pm.parts[0].named_parameters() if p.grad is not None})
         )
     (l_full, g_full), (l_micro, g_micro) = results
     assert l_micro.num_label_tokens == l_full.num_label_tokens == 6 * 16 - 8 - 3
@@ -206,8 +215,7 @@ def test_accumulation_equals_full_batch(mtp_depth: int) -> None:
     for name in g_full:
         torch.testing.assert_close(g_micro[name], g_full[name], atol=1e-6, rtol=1e-5, msg=name)
     # and it is the mean CE per label token of the full batch, as evaluate() reports it
-    model = build_model(cfg, CPU, seed=3)
-    assert evaluate(model, full, device=CPU, autocast=nullcontext) == pytest.approx(
+    assert evaluate(single_process(cfg), full, device=CPU, autocast=nullcontext) == pytest.approx(
         float(l_full.ce), abs=1e-5
     )
 
@@ -250,7 +258,8 @@ def test_resume_is_exact(tmp_path: Path, small_dataset: Path) -> None:
     summary_b = resumed.train()
     assert summary_b.start_step == 2 and summary_b.resumed_from.name == "step-2"
     assert summary_b.final_train_loss == summary.final_train_loss
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    straight_state = straight.pm.parts[0].state_dict()
+    for (name, a), b in zip(straight_state.items(), resumed.pm.parts[0].state_dict().values()):
         assert torch.equal(a, b), name
     records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert sum('"kind": "train"' in r for r in records) == 4
