@@ -34,9 +34,13 @@ def apply_fsdp(model: nn.Module, meshes: Meshes) -> None:
     """Shard per block (parameters all-gathered just in time, freed after use); experts get
     their own FSDP group on "edp" so their gradients are reduced over the right ranks."""
     for block in _blocks(model):
-        for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
-            fully_shard(experts, mesh=meshes.edp)
+        if meshes.ep.size() > 1:  # without ep, experts are ordinary dense parameters of the block
+            for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
+                fully_shard(experts, mesh=meshes.edp)
         fully_shard(block, mesh=meshes.dp)
+    if getattr(model, "output", None) is not None:
+        # Its own unit: under pipeline parallelism the loss calls it after the stage's forward.
+        fully_shard(model.output, mesh=meshes.dp)
     fully_shard(model, mesh=meshes.dp)
     for module in model.modules():
         if isinstance(module, FSDPModule):
@@ -62,12 +66,15 @@ def apply_ddp(model: nn.Module, meshes: Meshes) -> DistributedDataParallel:
 
 
 def sync_expert_grads(model: nn.Module, meshes: Meshes) -> None:
-    """DDP path only: sum each expert shard's gradient over its expert-data-parallel replicas."""
+    """DDP path only (FSDP reduces experts itself): sum each expert shard's gradient over its
+    expert-data-parallel replicas."""
     if meshes.edp.size() == 1:
         return
-    for param in model.parameters():
-        if isinstance(param, DTensor) and param.grad is not None:
-            dist.all_reduce(param.grad.to_local(), group=meshes.edp.get_group())
+    for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
+        for param in experts.parameters():
+            if param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                dist.all_reduce(grad, group=meshes.edp.get_group())
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model import ModelConfig, Transformer
 from model.moe import MoE
 from parallel.config import ParallelConfig
-from parallel.data_parallel import apply_ddp, apply_fsdp
+from parallel.data_parallel import apply_ddp, apply_fsdp, sync_expert_grads
 from parallel.dims import Meshes, ParallelDims
 from parallel.expert import apply_expert_parallel
 
@@ -40,6 +40,7 @@ class ParallelModel:
     num_stages: int
     dims: ParallelDims
     meshes: Meshes | None
+    dp_engine: str = "fsdp"
     schedule: object | None = None  # torch.distributed.pipelining schedule when pp > 1
     pipeline_loss: object | None = None  # its loss callable (holds the step's token denominator)
     _moe: list[MoE] = field(default_factory=list)
@@ -58,6 +59,12 @@ class ParallelModel:
     @property
     def has_last_stage(self) -> bool:
         return self.num_stages - 1 in self.stage_ids
+
+    def finish_grad_sync(self) -> None:
+        """After the step's backward: DDP leaves expert gradients to us (FSDP reduced everything)."""
+        if self.dp_engine == "ddp" and self.meshes is not None:
+            for part in self.parts:
+                sync_expert_grads(part, self.meshes)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
@@ -135,7 +142,7 @@ def parallelize(
             if pcfg.dp_engine == "ddp":
                 part = apply_ddp(part, meshes)
         parts.append(part)
-    pm = ParallelModel(parts, [s for s, _ in stages], num_stages, dims, meshes)
+    pm = ParallelModel(parts, [s for s, _ in stages], num_stages, dims, meshes, pcfg.dp_engine)
     if dims.pp > 1:  # 8
         from parallel.pipeline import TokenNormalizedLoss, build_schedule
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from data import Batch
 from model import IGNORE_INDEX
-from parallel.data_parallel import maybe_no_grad_sync, sync_expert_grads
+from parallel.data_parallel import maybe_no_grad_sync
 from parallel.parallelize import ParallelModel
 
 Autocast = Callable[[], AbstractContextManager]
@@ -69,9 +69,7 @@ def forward_backward(
         mtp_sum = torch.zeros((), device=device)  # MTP is not combined with pipeline parallelism
     else:
         ce_sum, mtp_sum = _accumulate(pm, batches, denom, mtp_coef, device, autocast)
-    for part in pm.parts:
-        if pm.meshes is not None:
-            sync_expert_grads(part, pm.meshes)
+    pm.finish_grad_sync()
     # For logging: sum over dp (each rank's share of the global batch) and over pipeline stages
     # (only the last holds the CE; each holds the aux losses of its own layers).
     sums = torch.stack([ce_sum.float().cpu(), mtp_sum.float().cpu(), pm.step_aux_loss().float().cpu()])
