@@ -50,7 +50,9 @@ def apply_fsdp(model: nn.Module, meshes: Meshes) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def _allreduce_sum_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future:
+def _allreduce_sum_hook(group, bucket):
+    """DDP comm hook (ProcessGroup, GradBucket) -> Future[Tensor]: sum, do not average. Left
+    unannotated: DDP rejects the postponed (string) annotations of this module."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
 
@@ -67,8 +69,8 @@ def apply_ddp(model: nn.Module, meshes: Meshes) -> DistributedDataParallel:
 
 def sync_expert_grads(model: nn.Module, meshes: Meshes) -> None:
     """DDP path only (FSDP reduces experts itself): sum each expert shard's gradient over its
-    expert-data-parallel replicas."""
-    if meshes.edp.size() == 1:
+    expert-data-parallel replicas. Without expert parallelism experts are ordinary DDP parameters."""
+    if meshes.ep.size() == 1 or meshes.edp.size() == 1:
         return
     for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
         for param in experts.parameters():

@@ -4,6 +4,7 @@
     python -m trainer recipe=tiny_cpu train.steps=50 optim.lr=1e-3 model.moe.num_experts=16
     python -m trainer --cfg job                         # print the composed config and exit
     python -m trainer -m optim.lr=1e-3,3e-3             # a Hydra multirun sweep
+    MOEFORGE_CHECK_ONLY=1 WORLD_SIZE=4 python -m trainer ...   # validate a 4-rank config, run nothing
     torchrun --nproc-per-node=4 -m trainer parallel.ep=2 parallel.tp=2   # 4 ranks: dp2 (ep2) x tp2
 
 The config is composed from `recipes/config.yaml` (Hydra) with the command-line overrides. Before
@@ -35,7 +36,8 @@ EXIT_CONFIG = 2
 
 def _fail(err: Exception) -> NoReturn:
     kind = "data error" if isinstance(err, DataError) else "config error"
-    print(f"moeforge: {kind}: {err}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
+        print(f"moeforge: {kind}: {err}", file=sys.stderr, flush=True)
     sys.exit(EXIT_CONFIG)
 
 
@@ -108,6 +110,8 @@ def main() -> None:
         precheck(sys.argv[1:])
     except (ConfigError, DataError) as e:
         _fail(e)
+    if os.environ.get("MOEFORGE_CHECK_ONLY") == "1":
+        return  # launch scripts validate once, before torchrun starts any rank
     run()
 
 

@@ -1,6 +1,6 @@
 """The parallel layout of a job: data-parallel size, micro-batches per step, and the divisibility
 checks that must hold before any process group exists (world size = dp * tp * pp, experts by ep,
-heads by tp, layers by pp). Extended by the distributed issue; single process today.
+heads by tp, layers and micro-batches by pp, and features that do not combine with a dimension).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from trainer.errors import bad_value
 from trainer.validate_helpers import divides, one_of, positive
 
 BACKENDS = ("auto", "gloo", "nccl")
+DP_ENGINES = ("fsdp", "ddp")
 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
@@ -66,4 +67,89 @@ def check_layout(cfg: JobConfig, world_size: int) -> None:
     if m.num_layers < p.pp:
         raise bad_value(
             "parallel.pp", p.pp, f"must be <= model.num_layers={m.num_layers}", "use fewer pipeline stages"
+        )
+    _check_pipeline(cfg, world_size)
+    _check_combinations(cfg)
+
+
+def _check_pipeline(cfg: JobConfig, world_size: int) -> None:
+    """Schedule, stages per rank, layer split and micro-batch count of pipeline parallelism."""
+    from parallel.pipeline import SCHEDULES, SINGLE_STAGE_SCHEDULES, stage_layers
+
+    p, m = cfg.parallel, cfg.model
+    one_of("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
+    positive(p, "parallel", ("pp_stages_per_rank",))
+    if p.pp_schedule in SINGLE_STAGE_SCHEDULES and p.pp_stages_per_rank != 1:
+        raise bad_value(
+            "parallel.pp_stages_per_rank",
+            p.pp_stages_per_rank,
+            f"must be 1 for pp_schedule={p.pp_schedule}",
+            "use an interleaved schedule (interleaved_1f1b) for several stages per rank",
+        )
+    if SCHEDULES[p.pp_schedule][1] == "v" and p.pp_stages_per_rank != 2:
+        raise bad_value(
+            "parallel.pp_stages_per_rank",
+            p.pp_stages_per_rank,
+            f"must be 2 for the V-shaped pp_schedule={p.pp_schedule}",
+            "set parallel.pp_stages_per_rank=2",
+        )
+    num_stages = p.pp * p.pp_stages_per_rank
+    if p.pp_layers_per_stage or num_stages > 1:
+        try:
+            stage_layers(m.num_layers, num_stages, list(p.pp_layers_per_stage) or None)
+        except ValueError as e:
+            raise bad_value(
+                "parallel.pp_layers_per_stage",
+                list(p.pp_layers_per_stage),
+                f"does not split model.num_layers={m.num_layers} into pp * pp_stages_per_rank = "
+                f"{num_stages} stages of >= 1 layer",
+                "give one positive count per stage summing to num_layers, or [] for an even split",
+            ) from e
+    dp = data_parallel_size(cfg, world_size)
+    per_step = cfg.data.micro_batch_size * dp
+    if p.pp > 1 and cfg.train.global_batch_size % per_step == 0:
+        k = cfg.train.global_batch_size // per_step
+        if k < p.pp or (p.pp_schedule not in SINGLE_STAGE_SCHEDULES and k % p.pp):
+            raise bad_value(
+                "train.global_batch_size",
+                cfg.train.global_batch_size,
+                f"gives {k} micro-batches per rank; pipeline pp={p.pp} ({p.pp_schedule}) needs at least pp"
+                + ("" if p.pp_schedule in SINGLE_STAGE_SCHEDULES else " and a multiple of pp"),
+                f"use a global batch of a multiple of data.micro_batch_size * dp * pp = {per_step * p.pp}",
+            )
+
+
+def _check_combinations(cfg: JobConfig) -> None:
+    """Features that do not (yet) combine with some parallel dimensions."""
+    p, m = cfg.parallel, cfg.model
+    one_of("parallel.dp_engine", p.dp_engine, DP_ENGINES)
+    if p.pp > 1 and m.mtp_depth > 0:
+        raise bad_value(
+            "model.mtp_depth",
+            m.mtp_depth,
+            f"> 0 is not supported with parallel.pp={p.pp}",
+            "set model.mtp_depth=0 or parallel.pp=1",
+        )
+    if m.tie_embeddings and (p.pp > 1 or p.tp > 1):
+        raise bad_value(
+            "model.tie_embeddings",
+            True,
+            f"is not supported with parallel.pp={p.pp} / tp={p.tp}",
+            "set model.tie_embeddings=false",
+        )
+    if p.dp_engine == "ddp" and (p.pp > 1 or p.tp > 1):
+        raise bad_value(
+            "parallel.dp_engine",
+            "ddp",
+            f"supports data and expert parallelism only (pp={p.pp}, tp={p.tp})",
+            "use parallel.dp_engine=fsdp with tensor or pipeline parallelism",
+        )
+    if p.tp > 1 and p.sequence_parallel:
+        divides(
+            "data.seq_len",
+            cfg.data.seq_len,
+            "parallel.tp",
+            p.tp,
+            "sequence parallelism splits the sequence over tp ranks: use a seq_len divisible by tp "
+            "or parallel.sequence_parallel=false",
         )

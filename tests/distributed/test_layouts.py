@@ -7,7 +7,7 @@ written here independently: one plain `Transformer` doing gradient accumulation 
 micro-batches (rank r's k-th micro-batch is global micro-batch k*dp + r). The global-batch aux loss
 is defined over the micro-batches processed together by the dp ranks, so the reference gets those
 counts from a forward-only pre-pass. Per-step losses must agree within 1e-5 relative and the
-parameters after step 1 within 1e-5.
+parameters after step 1 within 1e-5; a deliberately wrong reduction group must be caught.
 
 Layouts of one world size share one spawned job (process start-up dominates on 2 cores).
 """
@@ -49,6 +49,7 @@ class Layout:
     ep: int = 1
     schedule: str = "1f1b"
     stages_per_rank: int = 1
+    dp_engine: str = "fsdp"
 
     @property
     def world_size(self) -> int:
@@ -58,11 +59,13 @@ class Layout:
 LAYOUTS = {
     "dp2": Layout(dp=2),
     "ep2": Layout(dp=2, ep=2),
+    "dp2_ddp": Layout(dp=2, dp_engine="ddp"),
     "tp2": Layout(tp=2),
     "pp2_1f1b": Layout(pp=2),
     "pp2_interleaved": Layout(pp=2, schedule="interleaved_1f1b", stages_per_rank=2),
     "ep4": Layout(dp=4, ep=4),
     "dp2_ep2": Layout(dp=4, ep=2),
+    "dp2_ep2_ddp": Layout(dp=4, ep=2, dp_engine="ddp"),
     "tp2_ep2": Layout(dp=2, ep=2, tp=2),
     "pp2_ep2": Layout(dp=2, ep=2, pp=2),
     "pp2_tp2": Layout(pp=2, tp=2),
@@ -116,15 +119,20 @@ def full(t: torch.Tensor) -> torch.Tensor:
 # ---- on the ranks ----------------------------------------------------------------------------
 
 
+WRONG_GROUP_CASE = "dp2_ep2"  # also run with MoE counts reduced over "ep" instead of "dp"
+
+
 def train_layouts(names: list[str]) -> dict:
     results = {}
     for name in names:
         for cap_name, capacity in CAPACITY.items():
             results[f"{name}-{cap_name}"] = train_layout(LAYOUTS[name], capacity)
+        if name == WRONG_GROUP_CASE:
+            results[f"{name}-wrong_group"] = train_layout(LAYOUTS[name], 0.0, counts_mesh="ep")
     return results
 
 
-def train_layout(layout: Layout, capacity_factor: float) -> dict:
+def train_layout(layout: Layout, capacity_factor: float, counts_mesh: str = "dp") -> dict:
     dims = ParallelDims(dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep)
     meshes = build_meshes(dims, "cpu")
     pcfg = ParallelConfig(
@@ -134,9 +142,14 @@ def train_layout(layout: Layout, capacity_factor: float) -> dict:
         ep=layout.ep,
         pp_schedule=layout.schedule,
         pp_stages_per_rank=layout.stages_per_rank,
+        dp_engine=layout.dp_engine,
     )
     k = MICRO_BATCHES // layout.dp
     pm = parallelize(model_config(capacity_factor), pcfg, dims, meshes, torch.device("cpu"), SEED, k)
+    if counts_mesh != "dp":  # a plausible-looking bug: counts summed over the wrong group
+        group = getattr(meshes, counts_mesh).get_group()
+        for moe in pm._moe:
+            moe.reduce_counts = lambda c, group=group: _summed(c, group)
     optimizer = build_optimizer(torch.nn.ModuleList(pm.parts), OPTIM)
     dp_rank = meshes.dp_rank
     losses, params = [], {}
@@ -155,6 +168,12 @@ def train_layout(layout: Layout, capacity_factor: float) -> dict:
                 params.update({n: full(p.detach()).clone() for n, p in part.named_parameters()})
     dist.barrier()
     return {"losses": losses, "params": params}
+
+
+def _summed(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
 
 
 # ---- the single-process reference --------------------------------------------------------------
@@ -250,3 +269,13 @@ def test_layout_matches_single_process(layout_results, name, capacity):
     assert got["params"].keys() == want["params"].keys()
     for pname, value in want["params"].items():
         torch.testing.assert_close(got["params"][pname], value, rtol=0, atol=1e-5, msg=pname)
+
+
+def test_counts_reduced_over_the_wrong_group_are_caught(layout_results):
+    """Summing the balancing-loss counts over "ep" instead of "dp" still trains with a plausible
+    loss, but the gradients (hence parameters) differ: the comparison above would catch it."""
+    got = layout_results[f"{WRONG_GROUP_CASE}-wrong_group"]
+    want = reference(LAYOUTS[WRONG_GROUP_CASE].dp, 0.0)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=0.05, atol=0)
+    worst = max((got["params"][n] - v).abs().max().item() for n, v in want["params"].items())
+    assert worst > 1e-4
