@@ -40,7 +40,7 @@ BAD_CONFIGS = [
     (["logging.wandb_mode=cloud"], "logging.wandb_mode"),
     (["train.device=tpu"], "train.device"),
     (["train.steps=0"], "train.steps"),
-    (["train.global_batch_size=12"], "train.global_batch_size"),  # micro_batch_size=8
+    (["train.global_batch_size=10"], "train.global_batch_size"),  # micro_batch_size=4
     (["data.micro_batch_size=0"], "data.micro_batch_size"),
     (["data.seq_len=1024"], "data.seq_len"),  # model.max_seq_len=512
     (["data.sources=[{path:'/nonexistent/moeforge/ds'}]"], "data.sources[0].path"),
