@@ -1,9 +1,11 @@
-"""End to end through the real entry point: `python -m trainer recipe=tiny_cpu ...` trains, logs,
-checkpoints and prints a summary; a second run with more steps resumes where the first stopped."""
+"""End to end through the real entry points: `python -m trainer recipe=tiny_cpu ...` trains, logs,
+checkpoints and prints a summary, and a second run with more steps resumes where the first
+stopped; `torchrun -m trainer` does the same on 4 ranks, resuming at another parallel layout."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,43 @@ def test_train_then_resume(tmp_path: Path, default_corpus_cache: Path) -> None:
     assert "resumed from" in second.stdout and "steps            6 -> 8" in second.stdout
     assert [r["step"] for r in records(run_dir, "train")][4:] == [7, 8]  # appended, not restarted
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-8"
+
+
+def run_torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "trainer", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_torchrun_four_ranks_then_resume_at_another_layout(tmp_path: Path, small_dataset: Path) -> None:
+    """The quickstart's layout (pp2 x dp2, experts over ep2) through `torchrun -m trainer`; the
+    sharded checkpoint then resumes on 4 ranks laid out as tp2 x dp2 (ep2)."""
+    run_dir = tmp_path / "run"
+    common = [
+        *SMALL,
+        f"run.dir={run_dir}",
+        f"data.sources=[{{path:'{small_dataset}'}}]",
+        "model.vocab_size=512",
+        "train.global_batch_size=8",
+        "logging.wandb_mode=disabled",
+    ]
+    first = run_torchrun(4, [*common, "parallel=pp2_ep2", "train.steps=4"], tmp_path)
+    assert "layout dp=2 ep=2 tp=1 pp=2" in first.stdout
+    assert first.stdout.count("moeforge run summary") == 1  # rank 0 only
+    val = records(run_dir, "val")
+    assert val[-1]["val/loss"] < val[0]["val/loss"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-4"
+
+    second = run_torchrun(4, [*common, "parallel.tp=2", "parallel.ep=2", "train.steps=6"], tmp_path)
+    assert "layout dp=2 ep=2 tp=2 pp=1" in second.stdout
+    assert "resumed from" in second.stdout and "steps            4 -> 6" in second.stdout
+    assert records(run_dir, "train")[-1]["step"] == 6
