@@ -61,7 +61,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -90,26 +90,14 @@ OPTIM = OptimConfig(lr=1e-3, grad_clip=1.0)
 KINDS = ("all_to_all", "all_reduce", "reduce_scatter", "all_gather", "p2p", "broadcast")
 
 
-@dataclass(frozen=True)
-class Layout:
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
-
-
 LAYOUTS = {
-    "1 rank": Layout(),
-    "dp2": Layout(dp=2),
-    "ep2": Layout(dp=2, ep=2),
-    "dp4 (ep4)": Layout(dp=4, ep=4),
-    "dp2 x ep2": Layout(dp=4, ep=2),
-    "tp2 x ep2": Layout(tp=2, dp=2, ep=2),
-    "pp2 x ep2": Layout(pp=2, dp=2, ep=2),
+    "1 rank": ParallelDims(),
+    "dp2": ParallelDims(dp=2),
+    "ep2": ParallelDims(dp=2, ep=2),
+    "dp4 (ep4)": ParallelDims(dp=4, ep=4),
+    "dp2 x ep2": ParallelDims(dp=4, ep=2),
+    "tp2 x ep2": ParallelDims(tp=2, dp=2, ep=2),
+    "pp2 x ep2": ParallelDims(pp=2, dp=2, ep=2),
 }
 
 
@@ -250,7 +238,7 @@ def global_batches(steps: int, vocab_size: int) -> list[list[Batch]]:
     return out
 
 
-def run_layout(layout: Layout, warmup: int, steps: int, profile_steps: int) -> dict:
+def run_layout(layout: ParallelDims, warmup: int, steps: int, profile_steps: int) -> dict:
     """Train `warmup + steps + profile_steps` steps; this rank's step times, bytes, comm share."""
     dims = ParallelDims(dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep)
     distributed = dims.distributed

@@ -229,12 +229,7 @@ def run_step(
     along the batch dim). `is_first` / `is_last`: this rank runs the first / last stage (both for
     V-shaped layouts). Returns the K micro-batch losses on the last stage's rank, [] elsewhere;
     the gradients are left in the stage modules' `.grad`."""
-    losses: list[torch.Tensor] = []
-    args = (tokens_BS,) if is_first else ()
-    schedule.step(
-        *args, target=labels_BS if is_last else None, losses=losses if is_last else None, return_outputs=False
-    )
-    return [loss.detach() for loss in losses]
+    return _run(schedule.step, tokens_BS, labels_BS, is_first, is_last)
 
 
 @torch.no_grad()
@@ -253,9 +248,15 @@ def run_eval(
     micro-batch after each train <-> eval switch, so all evaluation batches must share one shape;
     each switch re-runs that shape inference (one extra forward per stage).
     """
+    return _run(schedule.eval, tokens_BS, labels_BS, is_first, is_last)
+
+
+def _run(method, tokens_BS: torch.Tensor, labels_BS: torch.Tensor, is_first: bool, is_last: bool):
+    """Call `schedule.step` or `schedule.eval` with what this rank's stages take: the inputs on the
+    first stage, the targets (and a list collecting the losses) on the last."""
     losses: list[torch.Tensor] = []
     args = (tokens_BS,) if is_first else ()
-    schedule.eval(
+    method(
         *args, target=labels_BS if is_last else None, losses=losses if is_last else None, return_outputs=False
     )
-    return losses
+    return [loss.detach() for loss in losses]
