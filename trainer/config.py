@@ -42,8 +42,10 @@ class TrainConfig:
 class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     save_every: int = 0  # 0 = only at the end of training
-    resume: bool = True  # continue from the newest checkpoint in `dir` if there is one
+    resume: bool = True  # continue from the newest valid checkpoint in `dir` if there is one
     keep_last: int = 2
+    async_save: bool = False  # write on a background thread while training continues
+    verify: str = "full"  # before resuming: full (sizes + sha256 of every file) | size
 
 
 @dataclass

@@ -2,7 +2,7 @@
 newest checkpoint if there is one, trains, validates, checkpoints, and returns a `RunSummary`.
 
 `train()` only sequences the phases; each phase is a method or a function in `trainer/setup.py`,
-`trainer/step.py`, `trainer/optim.py`, `trainer/checkpoint.py`, `trainer/metrics.py`.
+`trainer/step.py`, `trainer/optim.py`, `trainer/checkpoint/`, `trainer/metrics.py`.
 Data-parallel rank/size are passed in (no global state), so the distributed setup can wrap it.
 """
 
@@ -25,7 +25,7 @@ from parallel.data_parallel import clip_grads_
 from parallel.dims import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from trainer import checkpoint
-from trainer.checkpoint import RNGState, ShardedModelOptimizer, Stateful, TrainProgress
+from trainer.checkpoint import CheckpointWriter, RNGState, ShardedModelOptimizer, Stateful, TrainProgress
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
 from trainer.flops import flops_per_token, peak_flops
@@ -101,6 +101,9 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.ckpt_dir = Path(cfg.checkpoint.dir)
+        self.ckpt_writer = CheckpointWriter(
+            self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save
+        )
         self._saved_step = -1
 
     def state(self) -> dict[str, Stateful]:
@@ -144,6 +147,7 @@ class Trainer:
                     self.save()
             summary.final_val_loss = self.validate(metrics)
             summary.checkpoint = self.save()
+            self.ckpt_writer.wait()  # an async save must be complete before the run ends
         finally:
             metrics.close()
         summary.final_step = self.progress.step
@@ -203,8 +207,13 @@ class Trainer:
         return loss
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint in `checkpoint.dir` when `checkpoint.resume`."""
-        found = checkpoint.latest(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        """Load the newest valid checkpoint in `checkpoint.dir` when `checkpoint.resume`; newer ones
+        that are incomplete or corrupt are reported and skipped."""
+        found = None
+        if self.cfg.checkpoint.resume:
+            found = checkpoint.latest_valid(
+                self.ckpt_dir, self._report, checksums=self.cfg.checkpoint.verify == "full"
+            )
         if found is None:
             return None
         step, path = found
@@ -220,14 +229,23 @@ class Trainer:
         return path
 
     def save(self) -> Path:
+        """Checkpoint the current step (once); with `checkpoint.async_save` it completes in the
+        background and `ckpt_writer.wait()` (at the next save, or the end) joins it."""
         path = self.ckpt_dir / f"step-{self.progress.step}"
         if self._saved_step != self.progress.step:
-            extra = {"tokens": self.progress.tokens, "config": dataclasses.asdict(self.cfg)}
-            path = checkpoint.save(
-                self.ckpt_dir, self.progress.step, self.state(), self.cfg.checkpoint.keep_last, extra
-            )
+            d = self.dims
+            extra = {
+                "tokens": self.progress.tokens,
+                "layout": {"dp": d.dp, "tp": d.tp, "pp": d.pp, "ep": d.ep},
+                "config": dataclasses.asdict(self.cfg),
+            }
+            path = self.ckpt_writer.save(self.progress.step, self.state(), extra)
             self._saved_step = self.progress.step
         return path
+
+    def _report(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"moeforge: {message}", flush=True)
 
     def open_metrics(self) -> MetricsLogger:
         logger = MetricsLogger(

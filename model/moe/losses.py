@@ -5,8 +5,10 @@ and P_i the mean router probability of expert i. Scopes:
 - micro_batch: f and P over this micro-batch;
 - sequence: per sequence, then averaged (DeepSeek-V3's complementary sequence-wise loss);
 - global_batch: f from counts summed over the data-parallel group (`reduce_counts`), P local.
-  Averaging the local losses over ranks then equals the loss of the whole global batch, because
-  every rank holds the same number of tokens. On one process the reduction is the identity.
+  Averaging the local losses over ranks then equals the loss over the micro-batches the dp ranks
+  process together, because every rank holds the same number of tokens. On one process the
+  reduction is the identity. Its value therefore depends on dp (as Megatron's global-batch loss
+  depends on dp and accumulation); micro_batch and sequence scopes do not depend on the layout.
 """
 
 from __future__ import annotations

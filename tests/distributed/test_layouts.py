@@ -75,7 +75,7 @@ LAYOUTS = {
 CAPACITY = {"dropless": 0.0, "capacity": 1.0}
 
 
-def model_config(capacity_factor: float) -> ModelConfig:
+def model_config(capacity_factor: float, aux_loss_scope: str = "global_batch") -> ModelConfig:
     moe = MoEConfig(
         num_experts=4,
         top_k=2,
@@ -83,7 +83,7 @@ def model_config(capacity_factor: float) -> ModelConfig:
         num_shared_experts=1,
         capacity_factor=capacity_factor,
         aux_loss_coef=0.01,
-        aux_loss_scope="global_batch",
+        aux_loss_scope=aux_loss_scope,
         z_loss_coef=1e-3,
         expert_bias=True,
         bias_update_rate=1e-2,

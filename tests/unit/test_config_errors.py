@@ -38,6 +38,7 @@ BAD_CONFIGS = [
     (["optim.lr=0"], "optim.lr"),
     (["optim.warmup_steps=500"], "optim.warmup_steps"),
     (["logging.wandb_mode=cloud"], "logging.wandb_mode"),
+    (["checkpoint.verify=md5"], "checkpoint.verify"),
     (["train.device=tpu"], "train.device"),
     (["train.steps=0"], "train.steps"),
     (["train.global_batch_size=10"], "train.global_batch_size"),  # micro_batch_size=4

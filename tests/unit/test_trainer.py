@@ -4,7 +4,6 @@ and an exact resume of a short run."""
 from __future__ import annotations
 
 import math
-import random
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,11 +17,8 @@ from model.config import ModelConfig, MoEConfig
 from parallel.config import ParallelConfig
 from parallel.dims import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
-from trainer import checkpoint
-from trainer.checkpoint import RNGState, ShardedModelOptimizer, TrainProgress
 from trainer.compose import load_config
 from trainer.config import OptimConfig
-from trainer.errors import ConfigError
 from trainer.optim import build_optimizer, build_scheduler, lr_factor_fn, weight_decay_split
 from trainer.step import evaluate, forward_backward
 from trainer.trainer import Trainer
@@ -111,70 +107,6 @@ def test_weight_decay_split_real_model() -> None:
     assert "tok_embeddings.weight" in no_decay and "norm.weight" in no_decay
     assert all(name.endswith("norm.weight") or name == "tok_embeddings.weight" for name in no_decay)
     assert "output.weight" in decay and any("experts" in n for n in decay)
-
-
-# -- checkpoints ---------------------------------------------------------------------------------
-
-
-def make_state(seed: int = 0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, steps=10)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    sched.step()
-    return {
-        "model_optimizer": ShardedModelOptimizer([model], opt),
-        "scheduler": sched,
-        "rng": RNGState(),
-        "progress": TrainProgress(1, 12),
-    }
-
-
-def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    state = make_state(0)
-    checkpoint.save(tmp_path, 1, state)
-    expected_next = (torch.rand(3), random.random())
-    fresh = make_state(1)
-    step, path = checkpoint.latest(tmp_path)
-    assert (step, path.name) == (1, "step-1")
-    checkpoint.restore(fresh, path)
-    saved, loaded = state["model_optimizer"], fresh["model_optimizer"]
-    for a, b in zip(saved.container.parameters(), loaded.container.parameters()):
-        assert torch.equal(a, b)
-    sa, sb = saved.optimizer.state_dict()["state"], loaded.optimizer.state_dict()["state"]
-    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert fresh["scheduler"].last_epoch == 1 and fresh["progress"] == TrainProgress(1, 12)
-    assert (
-        torch.equal(torch.rand(3), expected_next[0]) and random.random() == expected_next[1]
-    )  # rng restored
-
-
-def test_checkpoint_atomic_latest_and_keep_last(tmp_path: Path) -> None:
-    state = make_state()
-    for step in (2, 4, 6, 8):
-        checkpoint.save(tmp_path, step, state, keep_last=2)
-    assert [s for s, _ in checkpoint.step_dirs(tmp_path)] == [6, 8]
-    assert (tmp_path / "latest").read_text().strip() == "step-8"
-    (tmp_path / "step-10.tmp").mkdir()  # a save killed half-way
-    (tmp_path / "step-10.tmp" / "scheduler.pt").write_bytes(b"garbage")
-    (tmp_path / "step-12").mkdir()  # no manifest: incomplete
-    assert checkpoint.latest(tmp_path)[0] == 8
-    (tmp_path / "latest").unlink()  # lost pointer: newest complete directory wins
-    assert checkpoint.latest(tmp_path)[0] == 8
-    assert checkpoint.latest(tmp_path / "none") is None
-
-
-def test_checkpoint_shape_mismatch_is_config_error(tmp_path: Path) -> None:
-    checkpoint.save(tmp_path, 1, make_state())
-    other = make_state()
-    model = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 2))
-    other["model_optimizer"] = ShardedModelOptimizer([model], build_optimizer(model, OptimConfig()))
-    _, path = checkpoint.latest(tmp_path)
-    with pytest.raises(ConfigError, match=r"checkpoint.dir.*0.weight of shape \[8, 4\].*\[16, 4\]"):
-        checkpoint.restore(other, path)
 
 
 # -- token-normalised loss with gradient accumulation ------------------------------------------

@@ -1,0 +1,23 @@
+"""Sharded, atomic, verified checkpoints (see `manager.py` for the directory protocol) and the
+`python -m trainer.checkpoint` command (list, verify, convert)."""
+
+from trainer.checkpoint.manager import (
+    CheckpointWriter,
+    latest_valid,
+    restore,
+    step_dirs,
+    verify,
+)
+from trainer.checkpoint.state import RNGState, ShardedModelOptimizer, Stateful, TrainProgress
+
+__all__ = [
+    "CheckpointWriter",
+    "RNGState",
+    "ShardedModelOptimizer",
+    "Stateful",
+    "TrainProgress",
+    "latest_valid",
+    "restore",
+    "step_dirs",
+    "verify",
+]

@@ -1,0 +1,109 @@
+"""The parts of a checkpoint besides the model: progress counters, RNG states, and the model +
+optimizer as one sharded part. Each part has `state_dict()` / `load_state_dict()`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainProgress:
+    """Optimizer steps taken and tokens trained on (all ranks), as a checkpoint part."""
+
+    step: int = 0
+    tokens: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+
+
+class RNGState:
+    """Python, NumPy, torch CPU (and CUDA) generator states, all as tensors."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, py_state, gauss = random.getstate()
+        np_state = np.random.get_state()
+        sd: dict[str, Any] = {
+            "python_version": version,
+            "python_state": torch.tensor(py_state, dtype=torch.int64),
+            "python_gauss": gauss,
+            "numpy_state": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]),
+            "numpy_has_gauss": int(np_state[3]),
+            "numpy_gauss": float(np_state[4]),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            sd["cuda"] = torch.cuda.get_rng_state_all()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        random.setstate((sd["python_version"], tuple(sd["python_state"].tolist()), sd["python_gauss"]))
+        np_key = sd["numpy_state"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", np_key, sd["numpy_pos"], sd["numpy_has_gauss"], sd["numpy_gauss"]))
+        torch.set_rng_state(sd["torch"])
+        if "cuda" in sd and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(sd["cuda"])
+
+
+class ShardedModelOptimizer:
+    """The model (all of this rank's pipeline stages) and its optimizer, saved by every rank as DCP
+    shards. Keys are the model's own parameter names (`layers.3.moe.experts.w1`), whatever the
+    layout, and DCP reshards DTensors on load, so a checkpoint loads at another layout.
+
+    Only tensors are sharded (`sharded_state`); the optimizer's param groups (floats, names) are a
+    small replicated part (`groups_state`) saved by rank 0."""
+
+    def __init__(self, parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+        self.container = nn.ModuleList(parts)
+        self.optimizer = optimizer
+
+    def sharded_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.container, self.optimizer)
+        return {
+            "model": {_strip(k): v for k, v in model_sd.items()},
+            "optimizer": {_strip(k): v for k, v in optim_sd["state"].items()},
+        }
+
+    def groups_state(self) -> list[dict[str, Any]]:
+        _, optim_sd = get_state_dict(self.container, self.optimizer)
+        return [{**g, "params": [_strip(k) for k in g["params"]]} for g in optim_sd["param_groups"]]
+
+    def load(self, sharded: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+        """`sharded` holds exactly this rank's tensors (DCP loaded them into `sharded_state()`).
+        The saved groups give the hyper-parameters; which parameters are in which group comes from
+        this optimizer, since at another layout rank 0 held other stages."""
+        model_sd, current = get_state_dict(self.container, self.optimizer)
+        to_full = {_strip(k): k for k in model_sd}
+        optim_sd = {
+            "state": {to_full[k]: v for k, v in sharded["optimizer"].items()},
+            "param_groups": [
+                {**saved, "params": now["params"]} for saved, now in zip(groups, current["param_groups"])
+            ],
+        }
+        set_state_dict(
+            self.container,
+            self.optimizer,
+            model_state_dict={to_full[k]: v for k, v in sharded["model"].items()},
+            optim_state_dict=optim_sd,
+        )
+
+
+def _strip(key: str) -> str:
+    return key.split(".", 1)[1]  # "0.layers.3.w" -> "layers.3.w" (drop the ModuleList index)
