@@ -1,0 +1,203 @@
+"""The `Compressor` interface: a compressed SUM all-reduce with error feedback, byte counting,
+warm-up and checkpointable state, plus the registry that maps a config's `kind` to a class.
+
+Conventions shared by every algorithm:
+- `group=None` means a group of one (no communication), as `ParallelModel.group()` returns for a
+  dimension of size 1; unit tests use it to run the full compress -> aggregate path in-process.
+- Error feedback is per *key* (a parameter name): the part of `grad + residual` that was not sent
+  stays in the residual and is added to the next step's gradient. Keys are parameter names, not
+  DDP bucket indices, because DDP rebuilds its buckets after the first iteration (and again after
+  every restart), so a bucket index does not name the same parameters from one step to the next.
+- Bytes on the wire are counted from the tensors each collective sends, under the
+  bandwidth-optimal (ring) cost model: an all-reduce of b bytes puts 2(p-1)/p * b on the wire per
+  rank, an all-gather of b bytes per rank puts (p-1) * b. `bytes_uncompressed` is the fp32
+  all-reduce the caller would have done instead.
+- The first `warmup_steps` optimizer steps (counted by `step()`) are sent uncompressed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+COMPRESSORS: dict[str, type[Compressor]] = {}
+
+
+@dataclass
+class CompressionConfig:
+    """`parallel.compression`: which algorithm and its options (each class reads only its own)."""
+
+    kind: str = "none"  # none | bf16 | powersgd | topk | sign | int8 | moe_selective
+    warmup_steps: int = 0  # optimizer steps sent uncompressed first
+    rank: int = 4  # powersgd: rank of the approximation
+    seed: int = 0  # powersgd: seed of the initial Q (identical on every rank)
+    topk_ratio: float = 0.01  # topk: fraction of the entries sent
+    chunk_size: int = 1024  # int8 / moe_selective: entries per quantization scale
+    threshold: float = 0.0  # moe_selective: experts whose gradient norm is below it skip the sync
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tensor inside a flat buffer (a parameter in a DDP bucket): its key and shape."""
+
+    key: str
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class Compressor(ABC):
+    """A compressed equivalent of `dist.all_reduce(grad, SUM)`. Subclasses implement
+    `_compressed_sum`; the base class does warm-up, error feedback and state."""
+
+    kind: ClassVar[str]
+    options: ClassVar[tuple[str, ...]] = ()  # CompressionConfig fields the constructor takes
+    error_feedback: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            COMPRESSORS[cls.kind] = cls
+
+    def __init__(self, warmup_steps: int = 0) -> None:
+        self.warmup_steps = warmup_steps
+        self.steps_done = 0
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.bytes_sent = 0  # this step, this rank
+        self.bytes_uncompressed = 0
+        self.last_stats: dict[str, int] = {}
+
+    @property
+    def compressing(self) -> bool:
+        return self.steps_done >= self.warmup_steps
+
+    # ---- entry points ---------------------------------------------------------------------------
+
+    def all_reduce_sum(self, grad: torch.Tensor, group: dist.ProcessGroup | None, key: str) -> torch.Tensor:
+        """Sum of `grad` over `group` (any shape; returns a new tensor of that shape and dtype)."""
+        flat = grad.reshape(-1)
+        return self.all_reduce_sum_segments(flat, group, [Segment(key, grad.shape)]).view(grad.shape)
+
+    def all_reduce_sum_experts(
+        self,
+        grad_E: torch.Tensor,
+        group: dist.ProcessGroup | None,
+        key: str,
+        active_E: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum of an expert weight `[E_local, ...]` over the expert-data-parallel group. Only
+        `moe_selective` uses `active_E` (which experts saw tokens); the others ignore it."""
+        return self.all_reduce_sum(grad_E, group, key)
+
+    def all_reduce_sum_segments(
+        self, flat: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
+    ) -> torch.Tensor:
+        """Sum of a flat buffer that concatenates `segments` (a DDP bucket) over `group`."""
+        assert flat.numel() == sum(s.numel for s in segments), "segments must tile the buffer"
+        x = flat.float()
+        self.bytes_uncompressed += _all_reduce_bytes(x.numel() * 4, group_size(group))
+        if not self.compressing:
+            return self._all_reduce(x.clone(), group).to(flat.dtype)
+        if self.error_feedback:
+            x = x + self._residual(segments)
+        sent, total = self._compressed_sum(x, group, segments)
+        if self.error_feedback:
+            self._set_residual(segments, x - sent)
+        return total.to(flat.dtype)
+
+    def step(self) -> dict[str, int]:
+        """Call once per optimizer step, after the gradients are synced: returns the step's byte
+        counts (a metric), resets them, and advances the warm-up counter."""
+        self.last_stats = {"comm_bytes": self.bytes_sent, "comm_bytes_uncompressed": self.bytes_uncompressed}
+        self.bytes_sent = self.bytes_uncompressed = 0
+        self.steps_done += 1
+        return self.last_stats
+
+    # ---- the algorithm --------------------------------------------------------------------------
+
+    @abstractmethod
+    def _compressed_sum(
+        self, x: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this rank's contribution as the receivers decode it, the sum over `group`)
+        for the flat fp32 `x` (gradient + residual). `x - sent` becomes the new residual."""
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only (loadable with `weights_only=True`). Residuals differ per rank: save them
+        per rank, like RNG state."""
+        return {
+            "steps_done": torch.tensor(self.steps_done),
+            "residuals": {k: v.clone() for k, v in self.residuals.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps_done = int(state_dict["steps_done"])
+        self.residuals = {k: v.clone() for k, v in state_dict["residuals"].items()}
+
+    # ---- helpers for subclasses -----------------------------------------------------------------
+
+    def _residual(self, segments: list[Segment]) -> torch.Tensor:
+        parts = []
+        for s in segments:
+            r = self.residuals.get(s.key)
+            assert r is None or r.shape == s.shape, f"residual {s.key}: {tuple(r.shape)} != {tuple(s.shape)}"
+            parts.append(torch.zeros(s.numel) if r is None else r.reshape(-1))
+        return torch.cat(parts)
+
+    def _set_residual(self, segments: list[Segment], residual: torch.Tensor) -> None:
+        for s, r in zip(segments, residual.split([s.numel for s in segments])):
+            self.residuals[s.key] = r.view(s.shape)
+
+    def _all_reduce(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """In-place SUM all-reduce of `t`, counted."""
+        p = group_size(group)
+        self.bytes_sent += _all_reduce_bytes(t.numel() * t.element_size(), p)
+        if p > 1:
+            dist.all_reduce(t, group=group)
+        return t
+
+    def _all_gather(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Every rank's `t` (same shape on all ranks), stacked: `[p, *t.shape]`, counted."""
+        p = group_size(group)
+        self.bytes_sent += (p - 1) * t.numel() * t.element_size()
+        if p == 1:
+            return t.unsqueeze(0)
+        out = t.new_empty(p * t.numel())
+        dist.all_gather_single(out, t.contiguous().view(-1), group=group)
+        return out.view(p, *t.shape)
+
+
+def _all_reduce_bytes(nbytes: int, p: int) -> int:
+    return 2 * (p - 1) * nbytes // p
+
+
+def build_compressor(kind: str, **options: Any) -> Compressor:
+    """`kind` -> class; `options` are that class's constructor arguments."""
+    if kind not in COMPRESSORS:
+        raise ValueError(f"parallel.compression.kind={kind!r}: expected one of {sorted(COMPRESSORS)}")
+    cls = COMPRESSORS[kind]
+    accepted = ("warmup_steps", *cls.options)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"parallel.compression: {kind} takes {list(accepted)}, not {unknown}")
+    return cls(**options)
+
+
+def compressor_from_config(cfg: CompressionConfig) -> Compressor:
+    """Build from the config group, passing each class only the options it reads."""
+    if cfg.kind not in COMPRESSORS:
+        raise ValueError(f"parallel.compression.kind={cfg.kind!r}: expected one of {sorted(COMPRESSORS)}")
+    cls = COMPRESSORS[cfg.kind]
+    return build_compressor(cfg.kind, **{name: getattr(cfg, name) for name in ("warmup_steps", *cls.options)})
