@@ -80,7 +80,9 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
 
 def init_distributed(dims: ParallelDims, backend: str, timeout_s: float = 600.0) -> Meshes:
     """Join the torchrun job (env:// rendezvous) and build the meshes. `backend` auto: NCCL when
-    this process has a GPU, else gloo; each rank uses the GPU of its LOCAL_RANK."""
+    this process has a GPU, else gloo; each rank uses the GPU of its LOCAL_RANK. A collective
+    blocked for `timeout_s` raises instead of hanging (the trainer passes
+    `fault.collective_timeout_s` plus a margin: its watchdog reports the phase first)."""
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -29,16 +29,19 @@ from data import DataError
 from trainer.compose import compose_config, config_error, to_job_config
 from trainer.config import register_configs
 from trainer.errors import ConfigError
+from trainer.fault import PG_TIMEOUT_MARGIN_S, FaultError
 from trainer.validate import validate
 
 EXIT_CONFIG = 2
+EXIT_FAULT = 1
 
 
 def _fail(err: Exception) -> NoReturn:
     kind = "data error" if isinstance(err, DataError) else "config error"
+    kind = "training stopped" if isinstance(err, FaultError) else kind
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
         print(f"moeforge: {kind}: {err}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_CONFIG)
+    sys.exit(EXIT_FAULT if isinstance(err, FaultError) else EXIT_CONFIG)
 
 
 def _world_size() -> int:
@@ -94,13 +97,15 @@ def run(cfg: DictConfig) -> None:
         world_size = _world_size()
         validate(job, world_size)
         dims = parallel_dims(job, world_size)
-        meshes = init_distributed(dims, job.parallel.backend) if dims.distributed else None
+        # The process group's timeout backs up the train loop's watchdog (trainer/fault.py).
+        timeout_s = job.fault.collective_timeout_s + PG_TIMEOUT_MARGIN_S
+        meshes = init_distributed(dims, job.parallel.backend, timeout_s) if dims.distributed else None
         try:
             Trainer(job, dims, meshes).train()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FaultError) as e:
         _fail(e)
 
 

@@ -49,6 +49,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault tolerance in the train loop (`trainer/fault.py`)."""
+
+    max_consecutive_skips: int = 3  # non-finite steps in a row before a rollback; 0 = never roll back
+    max_rollbacks: int = 2  # rollbacks to the last checkpoint before the run stops with an error
+    collective_timeout_s: float = 600.0  # a phase (step, save, validation) blocked longer aborts the job
+
+
+@dataclass
 class LoggingConfig:
     progress: bool = True  # rich progress bar on rank 0
     jsonl: bool = True  # metrics.jsonl in the run directory
@@ -71,6 +80,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -84,6 +94,7 @@ __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "DataSourceConfig",
+    "FaultConfig",
     "JobConfig",
     "LoggingConfig",
     "MLAConfig",

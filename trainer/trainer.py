@@ -28,6 +28,7 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointWriter, RNGState, ShardedModelOptimizer, Stateful, TrainProgress
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
+from trainer.fault import FaultError, Watchdog, all_finite, install_save_hook, maybe_inject, poison_
 from trainer.flops import flops_per_token, peak_flops
 from trainer.layout import num_microbatches
 from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
@@ -42,6 +43,7 @@ class StepResult:
     lr: float
     grad_norm: torch.Tensor
     seconds: float
+    skipped: bool = False  # non-finite loss or gradient norm: no update
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Trainer:
             self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save
         )
         self._saved_step = -1
+        install_save_hook()  # MOEFORGE_FAULT=kill@save=N (tests)
+        self.watchdog = Watchdog(cfg.fault.collective_timeout_s, self.rank)
+        self._consecutive_skips = 0
 
     def state(self) -> dict[str, Stateful]:
         """Everything a bitwise resume needs, as named `state_dict()`-able parts."""
@@ -117,7 +122,12 @@ class Trainer:
         }
 
     def train(self) -> RunSummary:
+        with self.watchdog:  # each phase names itself to it: a hang becomes an error (fault.py)
+            return self._train()
+
+    def _train(self) -> RunSummary:
         cfg, steps = self.cfg, self.cfg.train.steps
+        self.watchdog.pet("resume")
         summary = RunSummary(resumed_from=self.resume())
         summary.start_step = self.progress.step
         metrics = self.open_metrics()
@@ -127,6 +137,7 @@ class Trainer:
         try:
             if summary.resumed_from:
                 metrics.print(f"resumed from {summary.resumed_from} (step {self.progress.step})")
+            self.watchdog.pet("validation")
             summary.first_val_loss = self.validate(metrics)
             while self.progress.step < steps:
                 result = self.train_step()
@@ -136,16 +147,24 @@ class Trainer:
                 interval_seconds += result.seconds
                 interval_tokens += tokens
                 metrics.advance(step)
+                if result.skipped and self.after_skipped_step(metrics):
+                    continue  # rolled back to the last checkpoint
                 if step % cfg.train.log_every == 0 or step == steps or step == summary.start_step + 1:
                     record = self.step_metrics(result, interval_tokens, interval_seconds)
                     metrics.log(step, record, steps)
                     summary.final_train_loss = record["loss"]
                     interval_seconds, interval_tokens = 0.0, 0
                 if cfg.train.val_every and step % cfg.train.val_every == 0 and step < steps:
+                    self.watchdog.pet("validation")
                     self.validate(metrics)
+                # Not while skipping: a rollback must land before the non-finite streak.
                 if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < steps:
-                    self.save()
+                    if not self._consecutive_skips:
+                        self.watchdog.pet(f"step {step}: checkpoint save")
+                        self.save()
+            self.watchdog.pet("validation")
             summary.final_val_loss = self.validate(metrics)
+            self.watchdog.pet(f"step {self.progress.step}: checkpoint save")
             summary.checkpoint = self.save()
             self.ckpt_writer.wait()  # an async save must be complete before the run ends
         finally:
@@ -159,8 +178,12 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step: accumulate gradients over the micro-batches, clip, step, then let the
-        MoE layers update their expert bias from the step's counts."""
+        MoE layers update their expert bias from the step's counts. If the loss or gradient norm is
+        non-finite on any rank, the update is skipped on every rank; the step and the data cursor
+        still advance (`trainer/fault.py`)."""
         start = time.perf_counter()
+        step = self.progress.step + 1
+        self.watchdog.pet(f"step {step}: forward/backward")
         batches = [next(self.train_loader) for _ in range(self.num_microbatches)]
         losses = forward_backward(
             self.pm,
@@ -169,19 +192,67 @@ class Trainer:
             device=self.device,
             autocast=self.autocast,
         )
+        if maybe_inject("step", step):  # tests only: MOEFORGE_FAULT=nan@step=N (kill/hang act inside)
+            losses.ce = poison_(losses.ce, self.pm.parameters())
+        self.watchdog.pet(f"step {step}: grad norm/optimizer")
         grad_norm = clip_grads_(self.pm.parameters(), self.cfg.optim.grad_clip, self.pm.group("pp"))
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-        self.optimizer.step()
+        skipped = not all_finite(losses.total, grad_norm)  # the same decision on every rank
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        # Every rank, skipped or not (it has collectives); the expert-bias update it makes is
+        # driven by token counts, which stay finite.
         self.pm.end_of_step()
         self.progress.step += 1
+        self.progress.skipped_steps += skipped
+        self._consecutive_skips = self._consecutive_skips + 1 if skipped else 0
         self.progress.tokens += losses.num_input_tokens * self.dims.dp
         if self.device.type == "cuda":
             # Time the GPU work, not the kernel launches. Cheap: the MoE layers already read their
             # aux loss on the host once per micro-batch, so the queue is short here.
             torch.cuda.synchronize(self.device)
-        return StepResult(losses=losses, lr=lr, grad_norm=grad_norm, seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return StepResult(losses=losses, lr=lr, grad_norm=grad_norm, seconds=seconds, skipped=skipped)
+
+    def after_skipped_step(self, metrics: MetricsLogger) -> bool:
+        """Report a skipped step; after `fault.max_consecutive_skips` in a row, roll back. Returns
+        True when it rolled back."""
+        p, limit = self.progress, self.cfg.fault.max_consecutive_skips
+        metrics.print(
+            f"[yellow]step {p.step}: non-finite loss or gradient norm, update skipped "
+            f"({self._consecutive_skips} in a row, {p.skipped_steps} in all)"
+        )
+        if not limit or self._consecutive_skips < limit:
+            return False
+        self.watchdog.pet(f"step {p.step}: rollback")
+        path = self.rollback()
+        metrics.print(f"[yellow]rolled back to {path} (step {p.step}), rollback {p.rollbacks}")
+        return True
+
+    def rollback(self) -> Path:
+        """Reload the newest checkpoint (model, optimizer, schedule, RNG) through `resume()`, but keep
+        the data cursor, so the batches that went bad are not replayed, and the fault counters."""
+        p, limit = self.progress, self.cfg.fault.max_rollbacks
+        what = f"{self._consecutive_skips} non-finite steps in a row at step {p.step}"
+        if p.rollbacks >= limit:
+            raise FaultError(
+                f"{what} after {p.rollbacks} rollbacks (fault.max_rollbacks={limit}); stopping "
+                "(lower optim.lr, check the data, or raise fault.max_rollbacks)"
+            )
+        cursor, skipped, rollbacks = self.train_loader.state_dict(), p.skipped_steps, p.rollbacks
+        self.ckpt_writer.wait()  # an async save in flight may be the one to go back to
+        path = self.resume()
+        if path is None:
+            raise FaultError(
+                f"{what} and no checkpoint in {self.ckpt_dir} to roll back to; stopping "
+                "(set checkpoint.save_every, and checkpoint.resume=true)"
+            )
+        self.train_loader.load_state_dict(cursor)
+        p.skipped_steps, p.rollbacks = skipped, rollbacks + 1
+        self._consecutive_skips = 0
+        return path
 
     def step_metrics(self, result: StepResult, tokens: int, seconds: float) -> dict[str, float]:
         """The log record of a step; throughput is over the interval since the previous record."""
@@ -194,6 +265,8 @@ class Trainer:
             "lr": result.lr,
             "grad_norm": float(result.grad_norm),
             "tokens": self.progress.tokens,
+            "skipped_steps": self.progress.skipped_steps,
+            "rollbacks": self.progress.rollbacks,
             **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
             **moe_summary(self.pm.moe_stats()),
             "peak_mem_gib": peak_memory_gib(self.device),

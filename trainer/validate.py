@@ -213,6 +213,8 @@ def _check_run(cfg: JobConfig) -> None:
     c, lg = cfg.checkpoint, cfg.logging
     positive(c, "checkpoint", ("save_every",), allow_zero=True)
     positive(c, "checkpoint", ("keep_last",))
+    positive(cfg.fault, "fault", ("max_consecutive_skips", "max_rollbacks"), allow_zero=True)
+    positive(cfg.fault, "fault", ("collective_timeout_s",))
     one_of("checkpoint.verify", c.verify, ("full", "size"))
     one_of("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
     for field, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", c.dir)):

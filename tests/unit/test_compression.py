@@ -72,8 +72,10 @@ def test_powersgd_exact_on_rank_r_matrix():
 def test_powersgd_recovers_from_a_zero_gradient():
     psgd = PowerSGDCompression(rank=2)
     psgd.all_reduce_sum(torch.zeros(20, 10), None, "m")  # e.g. an expert that saw no token
-    m = torch.randn(20, 2, generator=torch.Generator().manual_seed(1)) @ torch.randn(2, 10)
-    torch.testing.assert_close(psgd.all_reduce_sum(m, None, "m"), m, rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(20, 2, generator=g) @ torch.randn(2, 10, generator=g)
+    # A rank-2 matrix is reconstructed exactly up to fp32 rounding, relative to its scale.
+    torch.testing.assert_close(psgd.all_reduce_sum(m, None, "m"), m, rtol=0, atol=1e-5 * m.abs().max().item())
 
 
 def test_powersgd_initial_q_is_deterministic():

@@ -50,6 +50,8 @@ BAD_CONFIGS = [
     (["parallel.tp=3"], "parallel.tp"),
     (["parallel.ep=2"], "parallel.ep"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["fault.max_rollbacks=-1"], "fault.max_rollbacks"),
+    (["fault.collective_timeout_s=0"], "fault.collective_timeout_s"),
     # composition errors (Hydra/OmegaConf), reduced to one line on the field
     (["model.foo=1"], "model.foo"),
     (["model.dim=abc"], "model.dim"),

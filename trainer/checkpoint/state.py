@@ -21,16 +21,25 @@ class Stateful(Protocol):
 
 @dataclass
 class TrainProgress:
-    """Optimizer steps taken and tokens trained on (all ranks), as a checkpoint part."""
+    """Steps taken and tokens trained on (all ranks), as a checkpoint part. A skipped step
+    (non-finite loss or gradients, `trainer/fault.py`) counts as a step, without an update."""
 
     step: int = 0
     tokens: int = 0
+    skipped_steps: int = 0
+    rollbacks: int = 0  # reloads of the last checkpoint after too many skips in a row
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+        self.skipped_steps, self.rollbacks = int(sd.get("skipped_steps", 0)), int(sd.get("rollbacks", 0))
 
 
 class RNGState:
