@@ -141,6 +141,27 @@ class Watchdog:
 # -- fault injection (tests) -----------------------------------------------------------------------
 
 
+class Preemption:
+    """SIGTERM (a scheduler preempting the job; torchrun forwards it to every rank) asks the run to
+    checkpoint and stop at the next step boundary. Ranks may see the signal at different steps,
+    so `requested()` agrees across ranks with a one-element all-reduce each step."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._flag = True
+
+    def requested(self) -> bool:
+        if not dist.is_initialized():
+            return self._flag
+        flag = torch.tensor([1.0 if self._flag else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 @dataclass(frozen=True)
 class Fault:
     action: str  # kill | hang | nan

@@ -28,7 +28,15 @@ from trainer import checkpoint
 from trainer.checkpoint import CheckpointWriter, RNGState, ShardedModelOptimizer, Stateful, TrainProgress
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
-from trainer.fault import FaultError, Watchdog, all_finite, install_save_hook, maybe_inject, poison_
+from trainer.fault import (
+    FaultError,
+    Preemption,
+    Watchdog,
+    all_finite,
+    install_save_hook,
+    maybe_inject,
+    poison_,
+)
 from trainer.flops import flops_per_token, peak_flops
 from trainer.layout import num_microbatches
 from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
@@ -57,6 +65,7 @@ class RunSummary:
     wall_s: float = 0.0
     checkpoint: Path | None = None
     resumed_from: Path | None = None
+    preempted: bool = False  # stopped early by SIGTERM, after checkpointing
     metrics_path: Path | None = None
     wandb_path: Path | None = None
 
@@ -67,7 +76,8 @@ class RunSummary:
         return [
             "moeforge run summary",
             f"  steps            {self.start_step} -> {self.final_step}"
-            + (f" (resumed from {self.resumed_from})" if self.resumed_from else ""),
+            + (f" (resumed from {self.resumed_from})" if self.resumed_from else "")
+            + (" (preempted by SIGTERM: rerun to continue)" if self.preempted else ""),
             f"  train loss       {fmt(self.final_train_loss)} (final)",
             f"  val loss         {fmt(self.first_val_loss)} (first) -> {fmt(self.final_val_loss)} (final)",
             f"  throughput       {self.tokens_per_s:,.0f} tokens/s",
@@ -109,6 +119,7 @@ class Trainer:
         self._saved_step = -1
         install_save_hook()  # MOEFORGE_FAULT=kill@save=N (tests)
         self.watchdog = Watchdog(cfg.fault.collective_timeout_s, self.rank)
+        self.preemption = Preemption()
         self._consecutive_skips = 0
 
     def state(self) -> dict[str, Stateful]:
@@ -162,8 +173,13 @@ class Trainer:
                     if not self._consecutive_skips:
                         self.watchdog.pet(f"step {step}: checkpoint save")
                         self.save()
-            self.watchdog.pet("validation")
-            summary.final_val_loss = self.validate(metrics)
+                if step < steps and self.preemption.requested():
+                    summary.preempted = True
+                    metrics.print(f"SIGTERM: checkpointing step {step} and stopping (preempted)")
+                    break
+            if not summary.preempted:
+                self.watchdog.pet("validation")
+                summary.final_val_loss = self.validate(metrics)
             self.watchdog.pet(f"step {self.progress.step}: checkpoint save")
             summary.checkpoint = self.save()
             self.ckpt_writer.wait()  # an async save must be complete before the run ends

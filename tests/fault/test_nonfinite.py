@@ -165,3 +165,47 @@ def test_watchdog_ends_a_stuck_process_with_one_line() -> None:
     assert proc.stderr.strip() == (
         "moeforge: rank 3 stuck in step 2: forward/backward for 0.5 s (collective timeout); aborting"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_stops(tmp_path: Path, small_dataset: Path) -> None:
+    """A preempted run (SIGTERM) saves a valid checkpoint of the step it reached and exits 0; the
+    same command then resumes from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer.checkpoint import latest_valid
+
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "recipe=tiny_cpu",
+        f"run.dir={run_dir}",
+        f"data.sources=[{{path:'{small_dataset}'}}]",
+        "model.vocab_size=512",
+        "data.seq_len=32",
+        "data.micro_batch_size=2",
+        "train.global_batch_size=2",
+        "train.steps=100000",
+        "train.log_every=1",
+        "train.val_every=0",
+        "data.val_batches=1",
+        "optim.warmup_steps=1",
+        "logging.progress=false",
+        "logging.wandb_mode=disabled",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "preempted" in out
+    found = latest_valid(run_dir / "checkpoints", report=pytest.fail)
+    assert found is not None and 3 <= found[0] < 100000
