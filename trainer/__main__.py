@@ -80,7 +80,12 @@ def precheck(argv: list[str]) -> None:
         for text, ov in zip(args.overrides, parsed)
         if not ov.is_hydra_override() and not (args.multirun and ov.is_sweep_override())
     ]
-    validate(to_job_config(compose_config(keep)), _world_size())
+    job = to_job_config(compose_config(keep))
+    # Submitting to SLURM through Hydra's submitit launcher: the ranks will be cluster.nodes x
+    # cluster.gpus_per_node (launch/submitit_env.py gives each task its torch env), not this process.
+    slurm = any(ov.key_or_group == "hydra/launcher" and "slurm" in str(ov.value()) for ov in parsed)
+    world_size = job.cluster.nodes * job.cluster.gpus_per_node if slurm else _world_size()
+    validate(job, world_size)
 
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)

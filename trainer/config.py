@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from data.config import DataConfig, DataSourceConfig
 from model.config import MLAConfig, ModelConfig, MoEConfig
@@ -72,6 +73,23 @@ class RunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where a job runs; read only by `launch/` (torchrun lines, sbatch, the submitit launcher, the
+    dry-run planner `python -m launch.plan`). The trainer itself takes its world size from torchrun."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # ranks per node (torchrun --nproc-per-node)
+    gpu_memory_gb: float = 80.0  # the planner refuses layouts whose estimate exceeds this
+    cpus_per_gpu: int | None = None  # SLURM CPU cores per rank; None = the cluster's default
+    time: str = "24:00:00"  # SLURM wall-clock limit: minutes, HH:MM:SS or D-HH:MM:SS
+    partition: str | None = None  # SLURM partition; None = the cluster's default
+    account: str | None = None  # SLURM account; None = none
+    rdzv_port: int = 29500  # c10d rendezvous port on the head node
+    max_restarts: int = 0  # torchrun --max-restarts: failed ranks restart from the last checkpoint
+    suggest: bool = False  # planner: search (pp, dp, tp, ep) for a layout that fits
+
+
+@dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -82,16 +100,50 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:
     """Register the schema; YAML files in `recipes/` are merged on top of it."""
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
+    if not OmegaConf.has_resolver("moeforge_run_dir"):
+        OmegaConf.register_new_resolver("moeforge_run_dir", run_dir)
+    if not OmegaConf.has_resolver("moeforge_minutes"):
+        OmegaConf.register_new_resolver("moeforge_minutes", slurm_minutes)
+
+
+def run_dir(name: str) -> str:
+    """`run.dir` in recipes/config.yaml: `runs/<name>`, except in a Hydra multirun, where each job
+    gets its own directory (hydra.sweep.dir/subdir = `runs/multirun/<name>/<job num>`) so that
+    sweep jobs do not share checkpoints and metrics."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.runtime.output_dir:
+            return str(hydra_cfg.runtime.output_dir)
+    return f"runs/{name}"
+
+
+def slurm_minutes(time: str | int) -> int:
+    """A SLURM time limit (`90`, `HH:MM:SS`, `D-HH:MM:SS`, `MM:SS`) in whole minutes, rounded up."""
+    text = str(time)
+    days, _, clock = text.rpartition("-")
+    parts = [int(x) for x in clock.split(":")]
+    if len(parts) == 1:
+        hours, minutes, seconds = 0, parts[0], 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
+    else:
+        hours, minutes, seconds = parts
+    return int(days or 0) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 __all__ = [
     "CheckpointConfig",
+    "ClusterConfig",
     "DataConfig",
     "DataSourceConfig",
     "FaultConfig",
