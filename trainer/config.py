@@ -64,6 +64,10 @@ class LoggingConfig:
     jsonl: bool = True  # metrics.jsonl in the run directory
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "moeforge"
+    # Expert-load heatmap (layer x expert) every N steps: expert_load.png in the run dir + a wandb
+    # image (trainer/observe.py); 0 = off.
+    heatmap_every: int = 50
+    straggler_every: int = 50  # slowest rank's step-time ratio to the median, every N steps; 0 = off
 
 
 @dataclass

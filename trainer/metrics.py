@@ -1,9 +1,10 @@
 """Metrics: one `MetricsLogger` fans each record out to its sinks, on rank 0 only.
 
 Sinks: a rich console line per log step (+ a progress bar with ETA when `logging.progress`),
-`metrics.jsonl` in the run directory (one JSON object per record, `"kind": "train" | "val"`;
-appended to on resume), and wandb (`logging.wandb_mode`: offline by default, so no network is
-needed; `disabled` skips the import entirely). Other ranks get a logger whose methods do nothing.
+`metrics.jsonl` in the run directory (one JSON object per record, `"kind": "train" | "val"`, or
+`"expert_load" | "straggler"` from `trainer/observe.py`; appended to on resume), and wandb
+(`logging.wandb_mode`: offline by default, so no network is needed; `disabled` skips the import
+entirely). Other ranks get a logger whose methods do nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -26,6 +27,9 @@ from rich.progress import (
 )
 
 from trainer.config import LoggingConfig
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -120,6 +124,21 @@ class MetricsLogger:
         self.print(f"[cyan]val  step {step}: loss {val_loss:.4f}")
         self._write({"kind": "val", "step": step, "val/loss": val_loss}, step)
 
+    def log_event(self, step: int, kind: str, metrics: dict[str, float], line: str | None = None) -> None:
+        """A record that is not a training step (e.g. `"straggler"`): console line, jsonl, wandb."""
+        if not self.enabled:
+            return
+        if line:
+            self.print(line)
+        self._write({"kind": kind, "step": step, **metrics}, step)
+
+    def log_image(self, step: int, key: str, image: Image, caption: str) -> None:
+        """An image, to wandb only (the jsonl holds numbers)."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(image, caption=caption)}, step=step)
+
     def print(self, text: str) -> None:
         if self.enabled:
             self.console.print(text, soft_wrap=True)
@@ -153,8 +172,7 @@ def _console_line(step: int, total: int, m: dict[str, float]) -> str:
         parts.append(f"mtp {m['mtp_loss']:.4f}")
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s"]
     parts.append(f"{m['tflops']:.2f} TFLOP/s")
-    if "mfu" in m:
-        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    parts.append(f"MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "MFU n/a")  # n/a: device peak unknown
     if "moe/load_imbalance_max" in m:
         parts.append(f"imbalance {m['moe/load_imbalance_max']:.2f}")
     parts.append(f"mem {m['peak_mem_gib']:.2f} GiB")

@@ -40,6 +40,7 @@ from trainer.fault import (
 from trainer.flops import flops_per_token, peak_flops
 from trainer.layout import num_microbatches
 from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
+from trainer.observe import Observer
 from trainer.optim import apply_config, build_optimizer, build_scheduler
 from trainer.setup import autocast_for, build_data, resolve_device
 from trainer.step import StepLosses, evaluate, forward_backward
@@ -150,6 +151,7 @@ class Trainer:
                 metrics.print(f"resumed from {summary.resumed_from} (step {self.progress.step})")
             self.watchdog.pet("validation")
             summary.first_val_loss = self.validate(metrics)
+            observer = Observer(cfg, self.pm, metrics, self.device)  # heatmap, stragglers
             while self.progress.step < steps:
                 result = self.train_step()
                 step = self.progress.step
@@ -165,6 +167,7 @@ class Trainer:
                     metrics.log(step, record, steps)
                     summary.final_train_loss = record["loss"]
                     interval_seconds, interval_tokens = 0.0, 0
+                observer.after_step(step)  # every rank: it has collectives
                 if cfg.train.val_every and step % cfg.train.val_every == 0 and step < steps:
                     self.watchdog.pet("validation")
                     self.validate(metrics)

@@ -217,6 +217,7 @@ def _check_run(cfg: JobConfig) -> None:
     positive(cfg.fault, "fault", ("collective_timeout_s",))
     one_of("checkpoint.verify", c.verify, ("full", "size"))
     one_of("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
+    positive(lg, "logging", ("heatmap_every", "straggler_every"), allow_zero=True)
     for field, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", c.dir)):
         if not value:
             raise bad_value(field, "''", "is empty", "set a directory")

@@ -37,6 +37,8 @@ class MoE(nn.Module):
         self.register_buffer("step_counts_E", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("step_dropped", torch.zeros(()), persistent=False)
         self.register_buffer("step_aux_loss", torch.zeros(()), persistent=False)
+        # This rank's expert load of the last completed step (the trainer's expert-load heatmap).
+        self.register_buffer("last_step_counts_E", torch.zeros(cfg.num_experts), persistent=False)
         self.last_step_stats: dict[str, float] = {}
 
     def reset_buffers(self) -> None:
@@ -44,6 +46,7 @@ class MoE(nn.Module):
         self.step_counts_E.zero_()
         self.step_dropped.zero_()
         self.step_aux_loss.zero_()
+        self.last_step_counts_E.zero_()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -95,6 +98,7 @@ class MoE(nn.Module):
     def end_of_step(self) -> None:
         """Once per optimizer step: snapshot load stats, update the expert bias, reset counters."""
         counts_E = self.step_counts_E.clone()
+        self.last_step_counts_E.copy_(counts_E)
         total = counts_E.sum().clamp(min=1)
         self.last_step_stats = {
             "load_max_over_mean": float(counts_E.max() / counts_E.mean().clamp(min=1e-9)),
