@@ -9,8 +9,8 @@ What one rank holds (its pipeline stages, its tp slice, its ep experts), from `m
   embedding (by vocab) and the output head; norms, the router and the routed experts are
   replicated over tp (parallel/tensor.py);
 - ep splits the routed experts: num_experts / ep per rank;
-- FSDP (`parallel.dp_engine=fsdp`) shards all of it over dp (experts over dp / ep: the same
-  fraction 1 / dp overall); DDP keeps a full replica.
+- FSDP (`parallel.dp_engine=fsdp`) shards the dense part over dp and the rank's experts over
+  dp / ep (so each rank holds 1 / dp of all experts); DDP keeps a full replica.
 "compute" params are the rank's slice before FSDP sharding (what its kernels see); "held" params
 are what stays resident (after FSDP sharding).
 
@@ -36,8 +36,14 @@ parallelism else 1, h = head_dim, R = routed experts per token (top_k)):
 MoE layers see the whole sequence on every tp rank (the routed part is replicated over tp), so
 their terms are not divided by tp. A rank holds several micro-batches' activations at once under
 pipeline parallelism: 1F1B stage r holds min(k, pp - r) (k = micro-batches per step), GPipe and
-looped BFS all k, interleaved schedules about pp - r + (pp - 1 - r) / v. There is no activation
-checkpointing in `parallelize()` yet: every layer keeps all of the above.
+looped BFS all k, interleaved schedules about pp - r + (pp - 1 - r) / v.
+
+Activation checkpointing (`parallel.activation_checkpointing`, parallel/activation_checkpoint.py:
+full = every block, selective = blocks with an odd index) changes what a checkpointed block keeps
+per micro-batch in flight: only its input, the fp32 residual stream (4D/tp_sp per token), not
+the terms above, nor (under autocast) the bf16 weight copies. Its backward recomputes one block of
+one micro-batch at a time, so on top come the largest checkpointed block's activations for one
+micro-batch and its bf16 weight copies. The embedding and output head are never checkpointed.
 
 Peak per rank = weights + grads + optimizer states + FSDP buffers + max(activations + bf16 weight
 copies, the CPU foreach-AdamW temporary of 4 bytes per held parameter), where the FSDP buffers
@@ -52,6 +58,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 from model.params import layer_params, mtp_params
+from parallel.activation_checkpoint import is_checkpointed
 from parallel.dims import ParallelDims
 from parallel.pipeline import SCHEDULES, stage_ids_for_rank, stage_layers
 from trainer.config import JobConfig
@@ -150,7 +157,7 @@ class RankMemory:
     optimizer: float
     fsdp_buffers: float
     weight_copies: float  # bf16 copies saved for backward under autocast
-    activations: float
+    activations: float  # incl. the working set of recomputing one checkpointed block
     step_temp: float  # CPU foreach AdamW temporary during optimizer.step
     micro_batches_in_flight: float
 
@@ -172,19 +179,28 @@ def estimate(cfg: JobConfig, dims: ParallelDims, device: str = "cuda") -> list[R
     a = 2 if autocast else 4
     fsdp = p.dp_engine == "fsdp" and dp > 1
     shard = dp if fsdp else 1
+    # FSDP shards a rank's experts (already 1/ep of them) over the edp = dp / ep ranks that hold
+    # the same ones; without ep they are ordinary block parameters, sharded over dp.
+    expert_shard = dims.edp if fsdp else 1
     v = p.pp_stages_per_rank
     stages = stage_layers(m.num_layers, pp * v, list(p.pp_layers_per_stage) or None)
     k = num_microbatches(cfg, dp)
     tokens = cfg.data.micro_batch_size * cfg.data.seq_len
     embed = m.vocab_size * m.dim // tp
     ranks = []
+    ac = p.activation_checkpointing
+    kept_input = 4 * m.dim / tp_sp  # what a checkpointed block keeps: its fp32 input, per token
     for r in range(pp):
         ids = stage_ids_for_rank(r, pp, v, p.pp_schedule) if pp > 1 else [0]
         layers = [i for s in ids for i in stages[s]]
         splits = [layer_split(m, i, tp, ep) for i in layers]
-        act = sum(_per_token_layer_bytes(m, m.is_moe_layer(i), a, tp, tp_sp) for i in layers)
+        # (block index, bytes per token it saves without checkpointing, its parameters here)
+        blocks = [
+            (i, _per_token_layer_bytes(m, m.is_moe_layer(i), a, tp, tp_sp), s.total)
+            for i, s in zip(layers, splits)
+        ]
         first, last = 0 in ids, pp * v - 1 in ids
-        extra = 0
+        extra, act = 0, 0.0
         if first:
             extra += embed
             act += 8  # token ids kept by the embedding
@@ -192,15 +208,20 @@ def estimate(cfg: JobConfig, dims: ParallelDims, device: str = "cuda") -> list[R
             extra += (0 if m.tie_embeddings else embed) + m.dim
             act += _head_bytes_per_token(m, a, tp_sp)
             if m.mtp_depth:
-                splits += [layer_split(m, m.num_layers - 1, tp, ep, mtp=True)] * m.mtp_depth
-                act += m.mtp_depth * (
-                    _per_token_layer_bytes(m, m.is_moe_layer(m.num_layers - 1), a, tp, tp_sp)
-                    + _head_bytes_per_token(m, a, tp_sp)
-                    + 2 * a * m.dim
-                )
+                mtp = layer_split(m, m.num_layers - 1, tp, ep, mtp=True)
+                splits += [mtp] * m.mtp_depth
+                mtp_block = _per_token_layer_bytes(m, m.is_moe_layer(m.num_layers - 1), a, tp, tp_sp)
+                blocks += [(m.num_layers + d, mtp_block, mtp.total) for d in range(m.mtp_depth)]
+                act += m.mtp_depth * (_head_bytes_per_token(m, a, tp_sp) + 2 * a * m.dim)
+        checkpointed = [(b, n) for i, b, n in blocks if is_checkpointed(ac, i)]
+        act += sum(kept_input if is_checkpointed(ac, i) else b for i, b, _ in blocks)
+        recompute_act = max((b for b, _ in checkpointed), default=0.0)
         compute = sum(s.total for s in splits) + extra
         active = sum(s.dense + s.active_experts for s in splits) + extra
-        held = compute / shard
+        # bf16 copies: of every block that keeps its activations, and of the one being recomputed
+        copied = compute - sum(n for _, n in checkpointed) + max((n for _, n in checkpointed), default=0)
+        experts = sum(s.experts for s in splits)
+        held = (compute - experts) / shard + experts / expert_shard
         flight = in_flight(p.pp_schedule, pp, r, v, k)
         largest_block = max((s.total for s in splits), default=0)
         ranks.append(
@@ -214,8 +235,8 @@ def estimate(cfg: JobConfig, dims: ParallelDims, device: str = "cuda") -> list[R
                 grads=4 * held,
                 optimizer=8 * held,
                 fsdp_buffers=3 * 4 * largest_block if fsdp else 0.0,
-                weight_copies=2 * compute if autocast else 0.0,
-                activations=act * tokens * flight,
+                weight_copies=2 * copied if autocast else 0.0,
+                activations=(act * flight + recompute_act) * tokens,
                 step_temp=4 * held if device == "cpu" else 0.0,
                 micro_batches_in_flight=flight,
             )

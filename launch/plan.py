@@ -12,9 +12,11 @@ torchrun line of every node and the sbatch script). Exit 0 when it fits, 2 with 
 `moeforge: plan refused: ...` when it does not.
 
 `--suggest` (or `cluster.suggest=true`) tries every (pp, dp, tp, ep) with pp * dp * tp = world size
-that the validator accepts (tp within a node), and picks, among those whose estimate fits, the
-one with the least pipeline and tensor parallelism (they cost bubbles and per-layer collectives),
-then the least expert parallelism (all-to-all volume), then the lowest peak memory.
+that the validator accepts (tp within a node), each with every activation-checkpointing mode, and
+picks, among those whose estimate fits, the one with the least pipeline and tensor parallelism
+(they cost bubbles and per-layer collectives), then the least recompute (none, then selective, then
+full: about 1/6 and 1/3 more compute, but no communication), then the least expert parallelism
+(all-to-all volume), then the lowest peak memory.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from launch.commands import (
 )
 from launch.memory import GIB, RankMemory, estimate, worst_rank
 from model.params import count_params
+from parallel.activation_checkpoint import AC_MODES
 from parallel.dims import ParallelDims
 from trainer.compose import compose_config, to_job_config
 from trainer.config import JobConfig
@@ -39,10 +42,13 @@ from trainer.errors import ConfigError
 from trainer.layout import num_microbatches, parallel_dims
 from trainer.validate import validate
 
+RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}  # cheapest first
+
 
 @dataclasses.dataclass
 class Candidate:
     dims: ParallelDims
+    activation_checkpointing: str
     ranks: list[RankMemory]
 
     @property
@@ -51,11 +57,24 @@ class Candidate:
 
     def overrides(self) -> list[str]:
         d = self.dims
-        return [f"parallel.pp={d.pp}", f"parallel.dp={d.dp}", f"parallel.tp={d.tp}", f"parallel.ep={d.ep}"]
+        return [
+            f"parallel.pp={d.pp}",
+            f"parallel.dp={d.dp}",
+            f"parallel.tp={d.tp}",
+            f"parallel.ep={d.ep}",
+            f"parallel.activation_checkpointing={self.activation_checkpointing}",
+        ]
 
 
-def with_layout(job: JobConfig, dims: ParallelDims) -> JobConfig:
-    p = dataclasses.replace(job.parallel, pp=dims.pp, dp=dims.dp, tp=dims.tp, ep=dims.ep)
+def with_layout(job: JobConfig, dims: ParallelDims, activation_checkpointing: str) -> JobConfig:
+    p = dataclasses.replace(
+        job.parallel,
+        pp=dims.pp,
+        dp=dims.dp,
+        tp=dims.tp,
+        ep=dims.ep,
+        activation_checkpointing=activation_checkpointing,
+    )
     if dims.pp != job.parallel.pp:  # an explicit split belongs to the recipe's own pp
         p = dataclasses.replace(p, pp_layers_per_stage=[])
     return dataclasses.replace(job, parallel=p)
@@ -66,19 +85,20 @@ def _divisors(n: int) -> list[int]:
 
 
 def candidates(job: JobConfig) -> list[Candidate]:
-    """Every valid layout of the cluster's world size, with its estimate."""
+    """Every valid layout of the cluster's world size and checkpointing mode, with its estimate."""
     ws, out = world_size(job.cluster), []
     for tp in _divisors(min(ws, job.cluster.gpus_per_node)):
         for pp in _divisors(ws // tp):
             dp = ws // (tp * pp)
             for ep in _divisors(dp):
                 dims = ParallelDims(dp=dp, tp=tp, pp=pp, ep=ep)
-                trial = with_layout(job, dims)
-                try:
-                    validate(trial, ws)
-                except ConfigError:
-                    continue
-                out.append(Candidate(dims, estimate(trial, dims)))
+                for ac in AC_MODES:
+                    trial = with_layout(job, dims, ac)
+                    try:
+                        validate(trial, ws)
+                    except ConfigError:
+                        break  # the mode is not what makes a layout invalid
+                    out.append(Candidate(dims, ac, estimate(trial, dims)))
     return out
 
 
@@ -87,7 +107,17 @@ def suggest(job: JobConfig) -> tuple[Candidate | None, Candidate | None]:
     limit = job.cluster.gpu_memory_gb * GIB
     found = candidates(job)
     fitting = [c for c in found if c.peak <= limit]
-    best = min(fitting, key=lambda c: (c.dims.pp * c.dims.tp, c.dims.tp, c.dims.ep, c.peak), default=None)
+    best = min(
+        fitting,
+        key=lambda c: (
+            c.dims.pp * c.dims.tp,
+            c.dims.tp,
+            RECOMPUTE_ORDER[c.activation_checkpointing],
+            c.dims.ep,
+            c.peak,
+        ),
+        default=None,
+    )
     return best, min(found, key=lambda c: c.peak, default=None)
 
 
@@ -109,7 +139,8 @@ def describe(job: JobConfig, dims: ParallelDims) -> list[str]:
         f"{c.gpu_memory_gb:g} GB per GPU",
         f"layout    pp={dims.pp} dp={dims.dp} tp={dims.tp} ep={dims.ep} (expert-data-parallel "
         f"{dims.edp}), dp engine {job.parallel.dp_engine}, pp schedule {job.parallel.pp_schedule}, "
-        f"sequence parallel {job.parallel.sequence_parallel and dims.tp > 1}",
+        f"sequence parallel {job.parallel.sequence_parallel and dims.tp > 1}, "
+        f"activation checkpointing {job.parallel.activation_checkpointing}",
         f"batch     {job.train.global_batch_size} sequences of {job.data.seq_len} tokens per step = "
         f"{k} micro-batch(es) of {job.data.micro_batch_size} per data-parallel rank",
         "precision fp32 master weights + grads + AdamW m, v (16 B per held parameter); activations "
@@ -180,16 +211,18 @@ def plan(argv: Sequence[str]) -> int:
                 why = (
                     f"no layout fits {job.cluster.gpu_memory_gb:g} GB: the lowest estimate is "
                     f"{top.peak / GIB:.1f} GiB at pp={lowest.dims.pp} dp={lowest.dims.dp} "
-                    f"tp={lowest.dims.tp} ep={lowest.dims.ep} ({top.activations / GIB:.1f} GiB of it "
-                    "activations: use more nodes, a shorter data.seq_len, or activation checkpointing)"
+                    f"tp={lowest.dims.tp} ep={lowest.dims.ep} activation checkpointing "
+                    f"{lowest.activation_checkpointing} ({top.activations / GIB:.1f} GiB of it activations, "
+                    f"{top.static / GIB:.1f} GiB weights+grads+optimizer+FSDP buffers): use more nodes "
+                    "or a shorter data.seq_len"
                 )
             return _refuse(why)
         print(
-            "suggested layout (fits; least pp*tp, then least tp, then least ep, then lowest memory): "
-            + " ".join(best.overrides())
+            "suggested layout (fits; least pp*tp, then least tp, then least recompute, then least ep, "
+            "then lowest memory): " + " ".join(best.overrides())
         )
         overrides = [o for o in overrides if not o.startswith("parallel.") or "pp_" in o] + best.overrides()
-        job = with_layout(job, best.dims)
+        job = with_layout(job, best.dims, best.activation_checkpointing)
     try:
         validate(job, ws)
     except ConfigError as e:

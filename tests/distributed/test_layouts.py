@@ -50,6 +50,7 @@ class Layout:
     schedule: str = "1f1b"
     stages_per_rank: int = 1
     dp_engine: str = "fsdp"
+    ac: str = "none"  # activation checkpointing
 
     @property
     def world_size(self) -> int:
@@ -63,6 +64,8 @@ LAYOUTS = {
     "tp2": Layout(tp=2),
     "pp2_1f1b": Layout(pp=2),
     "pp2_interleaved": Layout(pp=2, schedule="interleaved_1f1b", stages_per_rank=2),
+    "pp2_ac_full": Layout(pp=2, ac="full"),
+    "ep2_ac_selective": Layout(dp=2, ep=2, ac="selective"),  # recompute repeats the all-to-alls
     "ep4": Layout(dp=4, ep=4),
     "dp2_ep2": Layout(dp=4, ep=2),
     "dp2_ep2_ddp": Layout(dp=4, ep=2, dp_engine="ddp"),
@@ -143,6 +146,7 @@ def train_layout(layout: Layout, capacity_factor: float, counts_mesh: str = "dp"
         pp_schedule=layout.schedule,
         pp_stages_per_rank=layout.stages_per_rank,
         dp_engine=layout.dp_engine,
+        activation_checkpointing=layout.ac,
     )
     k = MICRO_BATCHES // layout.dp
     pm = parallelize(model_config(capacity_factor), pcfg, dims, meshes, torch.device("cpu"), SEED, k)
