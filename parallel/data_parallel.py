@@ -1,5 +1,6 @@
-"""Data parallelism: FSDP2 (`fully_shard`, the default) or DDP, plus the gradient-norm helper that
-understands the resulting mix of sharded and replicated gradients.
+"""Data parallelism: FSDP2 (`fully_shard`, the default) or DDP (whose gradient sync goes through a
+`parallel/compression` compressor), plus the gradient-norm helper that understands the resulting
+mix of sharded and replicated gradients.
 
 Gradients are SUMMED over data-parallel ranks, never averaged: each rank's loss is already
 divided by the step's global token count (trainer/step.py), so the sum is the gradient of the
@@ -20,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from model.moe import GroupedExperts
+from parallel.compression import Compressor, compression_hook
 from parallel.dims import Meshes
 
 
@@ -50,33 +52,38 @@ def apply_fsdp(model: nn.Module, meshes: Meshes) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
-def _allreduce_sum_hook(group, bucket):
-    """DDP comm hook (ProcessGroup, GradBucket) -> Future[Tensor]: sum, do not average. Left
-    unannotated: DDP rejects the postponed (string) annotations of this module."""
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+def _expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every routed-expert weight, named as in `model.named_parameters()`."""
+    return [
+        (f"{module_name}.{name}", param)
+        for module_name, module in model.named_modules()
+        if isinstance(module, GroupedExperts)
+        for name, param in module.named_parameters()
+    ]
 
 
-def apply_ddp(model: nn.Module, meshes: Meshes) -> DistributedDataParallel:
-    """Replicate over "dp" (gradient compression hooks into this path). Expert parameters are left
-    out of DDP and reduced over "edp" by `sync_expert_grads` after the backward pass."""
-    expert_names = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+def apply_ddp(model: nn.Module, meshes: Meshes, compressor: Compressor) -> DistributedDataParallel:
+    """Replicate over "dp"; every dense gradient bucket is summed through `compressor` (a DDP comm
+    hook). Expert weights are left out of DDP, with or without expert parallelism, and summed over
+    "edp" by `sync_expert_grads` after the backward pass: there the compressor sees whole experts
+    (so `moe_selective` can skip the ones that got no tokens), not DDP's arbitrary buckets."""
+    expert_names = [name for name, _ in _expert_parameters(model)]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
     ddp = DistributedDataParallel(model, process_group=meshes.dp.get_group(), broadcast_buffers=False)
-    ddp.register_comm_hook(meshes.dp.get_group(), _allreduce_sum_hook)
+    ddp.register_comm_hook(meshes.dp.get_group(), compression_hook(compressor, model))
     return ddp
 
 
-def sync_expert_grads(model: nn.Module, meshes: Meshes) -> None:
-    """DDP path only (FSDP reduces experts itself): sum each expert shard's gradient over its
-    expert-data-parallel replicas. Without expert parallelism experts are ordinary DDP parameters."""
-    if meshes.ep.size() == 1 or meshes.edp.size() == 1:
+def sync_expert_grads(model: nn.Module, meshes: Meshes, compressor: Compressor) -> None:
+    """DDP path only (FSDP reduces experts itself): sum each expert weight's gradient (this rank's
+    experts: `[E_local, ...]`) over its expert-data-parallel replicas, through `compressor`."""
+    group = meshes.edp.get_group() if meshes.edp.size() > 1 else None
+    if group is None:
         return
-    for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
-        for param in experts.parameters():
-            if param.grad is not None:
-                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                dist.all_reduce(grad, group=meshes.edp.get_group())
+    for name, param in _expert_parameters(model):
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            grad.copy_(compressor.all_reduce_sum_experts(grad, group, name))
 
 
 @contextlib.contextmanager

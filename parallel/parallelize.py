@@ -5,12 +5,14 @@ Order (each step only sees the plain model plus what earlier steps did):
   2. pipeline parallel: keep only this rank's stages (pruned copies, same parameter names);
   3. expert parallel: shard experts over "ep", install the all-to-all dispatcher;
   4. tensor parallel: DTensor plans over "tp" (+ sequence parallel);
-  5. data parallel: FSDP2 over "dp" (experts over "edp"), still on meta;
-  6. materialise (`to_empty`) and `init_weights(seed)`: every rank computes the single-process
+  5. activation checkpointing (none | full | selective), as hooks: parameter names unchanged;
+  6. data parallel: FSDP2 over "dp" (experts over "edp"), still on meta;
+  7. materialise (`to_empty`) and `init_weights(seed)`: every rank computes the single-process
      initial values and keeps its slice, so all layouts start from the same weights;
-  7. DDP (if chosen instead of FSDP) wraps the materialised model; MoE token counts are summed
-     over "dp" for the global-batch balancing loss and the expert-bias update;
-  8. pipeline schedule over the stage modules.
+  8. DDP (if chosen instead of FSDP) wraps the materialised model, its gradient sync going through
+     the configured compressor; MoE token counts are summed over "dp" for the global-batch
+     balancing loss and the expert-bias update;
+  9. pipeline schedule over the stage modules.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import ModelConfig, Transformer
 from model.moe import MoE
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.compression import Compressor, compressor_from_config
 from parallel.config import ParallelConfig
 from parallel.data_parallel import apply_ddp, apply_fsdp, sync_expert_grads
 from parallel.dims import Meshes, ParallelDims
@@ -43,6 +47,7 @@ class ParallelModel:
     dp_engine: str = "fsdp"
     schedule: object | None = None  # torch.distributed.pipelining schedule when pp > 1
     pipeline_loss: object | None = None  # its loss callable (holds the step's token denominator)
+    compressor: Compressor | None = None  # DDP's gradient sync (dense hook + expert sync)
     _moe: list[MoE] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,9 +67,9 @@ class ParallelModel:
 
     def finish_grad_sync(self) -> None:
         """After the step's backward: DDP leaves expert gradients to us (FSDP reduced everything)."""
-        if self.dp_engine == "ddp" and self.meshes is not None:
-            for part in self.parts:
-                sync_expert_grads(part, self.meshes)
+        if self.compressor is not None:
+            for model in self.transformers:
+                sync_expert_grads(model, self.meshes, self.compressor)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
@@ -123,6 +128,9 @@ def parallelize(
 
         stages = split_model(model, meshes.pp_rank, dims.pp, pcfg)
         num_stages = dims.pp * pcfg.pp_stages_per_rank
+    compressor = None
+    if dims.dp > 1 and pcfg.dp_engine == "ddp":
+        compressor = compressor_from_config(pcfg.compression)
     parts = []
     for _, part in stages:
         if dims.ep > 1:
@@ -131,19 +139,22 @@ def parallelize(
             from parallel.tensor import apply_tensor_parallel
 
             apply_tensor_parallel(part, meshes.tp, pcfg.sequence_parallel)  # 4
+        apply_activation_checkpointing(part, pcfg.activation_checkpointing)  # 5
         if dims.dp > 1 and pcfg.dp_engine == "fsdp":
-            apply_fsdp(part, meshes)  # 5
-        part.to_empty(device=device)  # 6
+            apply_fsdp(part, meshes)  # 6
+        part.to_empty(device=device)  # 7
         part.init_weights(seed)
         if dims.dp > 1:
             dp_group = meshes.dp.get_group()
             for moe in (m for m in part.modules() if isinstance(m, MoE)):
-                moe.reduce_counts = functools.partial(_all_reduce_sum, group=dp_group)  # 7
-            if pcfg.dp_engine == "ddp":
-                part = apply_ddp(part, meshes)
+                moe.reduce_counts = functools.partial(_all_reduce_sum, group=dp_group)  # 8
+            if compressor is not None:
+                part = apply_ddp(part, meshes, compressor)
         parts.append(part)
-    pm = ParallelModel(parts, [s for s, _ in stages], num_stages, dims, meshes, pcfg.dp_engine)
-    if dims.pp > 1:  # 8
+    pm = ParallelModel(
+        parts, [s for s, _ in stages], num_stages, dims, meshes, pcfg.dp_engine, compressor=compressor
+    )
+    if dims.pp > 1:  # 9
         from parallel.pipeline import TokenNormalizedLoss, build_schedule
 
         last = pm.transformers[pm.stage_ids.index(num_stages - 1)] if pm.has_last_stage else None

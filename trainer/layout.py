@@ -5,10 +5,11 @@ heads by tp, layers and micro-batches by pp, and features that do not combine wi
 
 from __future__ import annotations
 
+from parallel.activation_checkpoint import AC_MODES
 from parallel.dims import ParallelDims
 from trainer.config import JobConfig
 from trainer.errors import bad_value
-from trainer.validate_helpers import divides, one_of, positive
+from trainer.validate_helpers import divides, fraction, one_of, positive
 
 BACKENDS = ("auto", "gloo", "nccl")
 DP_ENGINES = ("fsdp", "ddp")
@@ -36,6 +37,7 @@ def check_layout(cfg: JobConfig, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
     positive(p, "parallel", ("tp", "pp", "ep"))
     one_of("parallel.backend", p.backend, BACKENDS)
+    one_of("parallel.activation_checkpointing", p.activation_checkpointing, AC_MODES)
     if p.dp == 0 or p.dp < -1:
         raise bad_value("parallel.dp", p.dp, "must be >= 1 or -1 (the rest of the world size)", "set dp=-1")
     if world_size % (p.tp * p.pp):
@@ -144,6 +146,7 @@ def _check_combinations(cfg: JobConfig) -> None:
             f"supports data and expert parallelism only (pp={p.pp}, tp={p.tp})",
             "use parallel.dp_engine=fsdp with tensor or pipeline parallelism",
         )
+    _check_compression(cfg)
     if p.tp > 1 and p.sequence_parallel:
         divides(
             "data.seq_len",
@@ -152,4 +155,23 @@ def _check_combinations(cfg: JobConfig) -> None:
             p.tp,
             "sequence parallelism splits the sequence over tp ranks: use a seq_len divisible by tp "
             "or parallel.sequence_parallel=false",
+        )
+
+
+def _check_compression(cfg: JobConfig) -> None:
+    """`parallel.compression`: a known algorithm with options in range, on the DDP engine (FSDP's
+    reduce-scatter has no hook for it)."""
+    from parallel.compression import COMPRESSORS
+
+    p, c = cfg.parallel, cfg.parallel.compression
+    one_of("parallel.compression.kind", c.kind, tuple(COMPRESSORS))
+    positive(c, "parallel.compression", ("warmup_steps", "threshold"), allow_zero=True)
+    positive(c, "parallel.compression", ("rank", "chunk_size"))
+    fraction("parallel.compression.topk_ratio", c.topk_ratio, low_open=True)
+    if c.kind != "none" and p.dp_engine != "ddp":
+        raise bad_value(
+            "parallel.compression.kind",
+            c.kind,
+            f"needs parallel.dp_engine=ddp (it is {p.dp_engine}: FSDP's reduce-scatter cannot be compressed)",
+            "set parallel.dp_engine=ddp, or parallel.compression.kind=none",
         )

@@ -49,6 +49,15 @@ def moe_summary(stats: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def comm_summary(comm: dict[str, int]) -> dict[str, float]:
+    """The gradient compressor's bytes on the wire this step (this rank), the uncompressed fp32
+    all-reduce's, and their ratio; empty when gradients are not synced through a compressor."""
+    if not comm:
+        return {}
+    ratio = comm["comm_bytes"] / max(comm["comm_bytes_uncompressed"], 1)
+    return {**comm, "comm_ratio": ratio}
+
+
 def throughput(tokens: int, seconds: float, flops_per_token: float, peak: float | None) -> dict[str, float]:
     """tokens/s, achieved TFLOP/s and (when the device's peak is known) MFU, for one process."""
     tps = tokens / max(seconds, 1e-9)
@@ -175,5 +184,7 @@ def _console_line(step: int, total: int, m: dict[str, float]) -> str:
     parts.append(f"MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "MFU n/a")  # n/a: device peak unknown
     if "moe/load_imbalance_max" in m:
         parts.append(f"imbalance {m['moe/load_imbalance_max']:.2f}")
+    if "comm_bytes" in m:
+        parts.append(f"comm {m['comm_bytes'] / 2**20:.2f} MiB ({100 * m['comm_ratio']:.1f}%)")
     parts.append(f"mem {m['peak_mem_gib']:.2f} GiB")
     return " | ".join(parts)

@@ -25,7 +25,14 @@ from parallel.data_parallel import clip_grads_
 from parallel.dims import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from trainer import checkpoint
-from trainer.checkpoint import CheckpointWriter, RNGState, ShardedModelOptimizer, Stateful, TrainProgress
+from trainer.checkpoint import (
+    CheckpointWriter,
+    CompressorState,
+    RNGState,
+    ShardedModelOptimizer,
+    Stateful,
+    TrainProgress,
+)
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
 from trainer.fault import (
@@ -39,7 +46,7 @@ from trainer.fault import (
 )
 from trainer.flops import flops_per_token, peak_flops
 from trainer.layout import num_microbatches
-from trainer.metrics import MetricsLogger, moe_summary, peak_memory_gib, throughput
+from trainer.metrics import MetricsLogger, comm_summary, moe_summary, peak_memory_gib, throughput
 from trainer.observe import Observer
 from trainer.optim import apply_config, build_optimizer, build_scheduler
 from trainer.setup import autocast_for, build_data, resolve_device
@@ -53,6 +60,7 @@ class StepResult:
     grad_norm: torch.Tensor
     seconds: float
     skipped: bool = False  # non-finite loss or gradient norm: no update
+    comm: dict[str, int] = dataclasses.field(default_factory=dict)  # compressor's bytes on the wire
 
 
 @dataclass
@@ -125,13 +133,17 @@ class Trainer:
 
     def state(self) -> dict[str, Stateful]:
         """Everything a bitwise resume needs, as named `state_dict()`-able parts."""
-        return {
+        state: dict[str, Stateful] = {
             "model_optimizer": ShardedModelOptimizer(self.pm.parts, self.optimizer),
             "scheduler": self.scheduler,
             "data": self.train_loader,
             "rng": RNGState(),
             "progress": self.progress,
         }
+        if self.pm.compressor is not None:
+            d = self.dims
+            state["compressor"] = CompressorState(self.pm.compressor, (d.dp, d.tp, d.pp, d.ep))
+        return state
 
     def train(self) -> RunSummary:
         with self.watchdog:  # each phase names itself to it: a hang becomes an error (fault.py)
@@ -221,6 +233,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        comm = self.pm.compressor.step() if self.pm.compressor is not None else {}
         # Every rank, skipped or not (it has collectives); the expert-bias update it makes is
         # driven by token counts, which stay finite.
         self.pm.end_of_step()
@@ -233,7 +246,7 @@ class Trainer:
             # aux loss on the host once per micro-batch, so the queue is short here.
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        return StepResult(losses=losses, lr=lr, grad_norm=grad_norm, seconds=seconds, skipped=skipped)
+        return StepResult(losses, lr, grad_norm, seconds, skipped, comm)
 
     def after_skipped_step(self, metrics: MetricsLogger) -> bool:
         """Report a skipped step; after `fault.max_consecutive_skips` in a row, roll back. Returns
@@ -288,6 +301,7 @@ class Trainer:
             "rollbacks": self.progress.rollbacks,
             **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
             **moe_summary(self.pm.moe_stats()),
+            **comm_summary(result.comm),
             "peak_mem_gib": peak_memory_gib(self.device),
         }
 

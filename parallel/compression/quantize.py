@@ -70,7 +70,9 @@ class SignCompression(Compressor):
 
 class Int8Compression(Compressor):
     """round(x / scale) in int8 with scale = max |x| / 127 per chunk of `chunk_size` entries:
-    1/4 of the fp32 bytes plus 4 bytes per chunk."""
+    1/4 of the fp32 bytes plus 4 bytes per chunk. Chunks never span two parameters (each is
+    padded to whole chunks, and the padding is not sent), so the result does not depend on how
+    DDP grouped parameters into buckets."""
 
     kind = "int8"
     options = ("chunk_size",)
@@ -82,12 +84,27 @@ class Int8Compression(Compressor):
     def _compressed_sum(
         self, x: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._int8_sum(x, group)
+        return self._int8_sum(x, group, [s.numel for s in segments])
 
     def _int8_sum(
-        self, x: torch.Tensor, group: dist.ProcessGroup | None
+        self, x: torch.Tensor, group: dist.ProcessGroup | None, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale_C = quantize_int8(x, self.chunk_size)
-        sent = dequantize_int8(q, scale_C, self.chunk_size)
+        """(sent, sum over `group`) of flat `x`, made of parts of `sizes`, each quantized in its own chunks."""
+        keep, padded = padded_positions(sizes, self.chunk_size)
+        q_pad, scale_C = quantize_int8(x.new_zeros(padded).index_copy_(0, keep, x), self.chunk_size)
+        q = q_pad[keep]
+        sent = dequantize_int8(q_pad, scale_C, self.chunk_size)[keep]
         q_P, scale_PC = self._all_gather(q, group), self._all_gather(scale_C, group)
-        return sent, dequantize_int8(q_P, scale_PC, self.chunk_size).sum(0)
+        q_P_pad = q_P.new_zeros(q_P.shape[0], padded)
+        q_P_pad[:, keep] = q_P
+        return sent, dequantize_int8(q_P_pad, scale_PC, self.chunk_size)[:, keep].sum(0)
+
+
+def padded_positions(sizes: list[int], multiple: int) -> tuple[torch.Tensor, int]:
+    """Where the entries of consecutive parts of `sizes` land when each part is padded to a
+    multiple of `multiple`, and the padded length."""
+    positions, start = [], 0
+    for n in sizes:
+        positions.append(torch.arange(start, start + n))
+        start += -(-n // multiple) * multiple
+    return torch.cat(positions), start

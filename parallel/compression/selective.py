@@ -52,7 +52,8 @@ class MoESelectiveCompression(Int8Compression):
         sync_E = (agreed_2E[0] > 0) & (agreed_2E[1].sqrt() >= self.threshold)
         sent_EK, total_EK = torch.zeros_like(x_EK), torch.zeros_like(x_EK)
         if bool(sync_E.any()):  # a host sync, as every skip decision must be
-            sent, total = self._int8_sum(x_EK[sync_E].reshape(-1), group)
+            synced_EK = x_EK[sync_E]
+            sent, total = self._int8_sum(synced_EK.reshape(-1), group, [x_EK.shape[1]] * len(synced_EK))
             sent_EK[sync_E] = sent.view(-1, x_EK.shape[1])
             total_EK[sync_E] = total.view(-1, x_EK.shape[1])
         self.residuals[key] = (x_EK - sent_EK).view(grad_E.shape)

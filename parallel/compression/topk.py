@@ -1,7 +1,9 @@
 """`topk`: send the k largest-magnitude entries of (gradient + residual) as (int32 index, fp32
-value) pairs; the rest stays in the residual. k is a fixed fraction of the buffer, so every rank
-sends the same number of pairs and an even all-gather suffices (gloo's list all-gather rejects
-uneven sizes). With k = all it is the exact all-reduce."""
+value) pairs; the rest stays in the residual. k is a fixed fraction of each parameter (segment),
+chosen per parameter so the result does not depend on how DDP grouped parameters into buckets
+(it regroups them after the first iteration, and again after a restart). Every rank sends the
+same number of pairs, so an even all-gather suffices (gloo's list all-gather rejects uneven
+sizes). With k = all it is the exact all-reduce."""
 
 from __future__ import annotations
 
@@ -24,9 +26,7 @@ class TopKCompression(Compressor):
     def _compressed_sum(
         self, x: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = x.numel()
-        k = min(n, max(1, math.ceil(self.topk_ratio * n)))
-        index_K = x.abs().topk(k, sorted=False).indices
+        index_K = torch.cat([self._top_indices(part) + offset for part, offset in _split(x, segments)])
         value_K = x[index_K]
         sent = torch.zeros_like(x).index_copy_(0, index_K, value_K)
         index_PK = self._all_gather(index_K.to(torch.int32), group)
@@ -34,3 +34,15 @@ class TopKCompression(Compressor):
         # Rank order, entry by entry: with k = all this is the all-reduce's own sum.
         total = torch.zeros_like(x).index_add_(0, index_PK.view(-1).long(), value_PK.view(-1))
         return sent, total
+
+    def _top_indices(self, x: torch.Tensor) -> torch.Tensor:
+        k = min(x.numel(), max(1, math.ceil(self.topk_ratio * x.numel())))
+        return x.abs().topk(k, sorted=False).indices
+
+
+def _split(x: torch.Tensor, segments: list[Segment]) -> list[tuple[torch.Tensor, int]]:
+    """(segment's slice of `x`, its offset) for each segment."""
+    offsets = [0]
+    for s in segments[:-1]:
+        offsets.append(offsets[-1] + s.numel)
+    return list(zip(x.split([s.numel for s in segments]), offsets))

@@ -6,6 +6,7 @@ The step is drawn at random; MOEFORGE_FAULT_SEED=<seed> (printed) repeats a draw
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -79,3 +80,38 @@ def test_kill_during_a_checkpoint_write_then_restart_is_bitwise_exact(
     step = draw(list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)), "SIGKILL rank 1 while saving step")
     restarted = killed_and_restarted(tmp_path, small_dataset, f"kill@save={step},rank=1", step - SAVE_EVERY)
     assert_bitwise_equal(uninterrupted, restarted)
+
+
+@pytest.mark.slow
+def test_compressed_run_restarts_bitwise_exact_with_its_error_feedback(
+    tmp_path: Path, small_dataset: Path
+) -> None:
+    """top-k with error feedback over DDP (dp4, experts over ep2): each rank's unsent residual is
+    in its `compressor-rank<r>.pt`, so a run killed after a checkpoint and restarted continues
+    exactly; restarting the residuals from zero would change every later update."""
+    compressed = [
+        "parallel.pp=1",
+        "parallel.ep=2",
+        "parallel.dp_engine=ddp",
+        "parallel.compression.kind=topk",
+        "parallel.compression.topk_ratio=0.05",
+        "parallel.compression.warmup_steps=1",
+    ]
+    runs = {}
+    for name, faults in (("uninterrupted", ""), ("restarted", "kill@step=5,rank=1")):
+        run_dir = tmp_path / name
+        proc = torchrun(
+            4, [*job(run_dir, small_dataset), *compressed], tmp_path, faults=faults, max_restarts=1
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = checkpoint_tensors(run_dir / "checkpoints" / f"step-{STEPS}")
+    assert "step-4 (step 4)" in proc.stdout, proc.stdout  # the restart resumed from step 4
+    saved = tmp_path / "uninterrupted" / "checkpoints" / f"step-{STEPS}"
+    residuals = torch.load(saved / "compressor-rank1.pt", weights_only=True)["residuals"]
+    assert residuals and all(r.abs().sum() > 0 for r in residuals.values())
+    assert_bitwise_equal(runs["uninterrupted"], runs["restarted"])
+    records = [
+        json.loads(line) for line in (tmp_path / "restarted" / "metrics.jsonl").read_text().splitlines()
+    ]
+    ratios = [r["comm_ratio"] for r in records if r["kind"] == "train"]
+    assert ratios[0] == 1.0 and 0 < ratios[-1] < 0.25  # warm-up uncompressed, then top-5%

@@ -190,3 +190,20 @@ def test_cli_list_verify_convert(tmp_path: Path) -> None:
     model = state["model_optimizer"].container[0]
     assert weights.keys() == model.state_dict().keys()
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_compressor_residuals_round_trip_only_at_the_same_layout() -> None:
+    from parallel.compression import build_compressor
+    from trainer.checkpoint import CompressorState
+
+    saved = build_compressor("topk", topk_ratio=0.25)
+    saved.all_reduce_sum(torch.randn(8, 4), None, "w")  # leaves 3/4 of the entries unsent
+    saved.step()
+    state = CompressorState(saved, (2, 1, 1, 2)).state_dict()
+    same, other = build_compressor("topk", topk_ratio=0.25), build_compressor("topk", topk_ratio=0.25)
+    CompressorState(same, (2, 1, 1, 2)).load_state_dict(state)
+    CompressorState(other, (4, 1, 1, 2)).load_state_dict(state)
+    assert (
+        torch.equal(same.residuals["w"], saved.residuals["w"]) and same.residuals["w"].count_nonzero() == 24
+    )
+    assert other.residuals == {} and other.steps_done == same.steps_done == 1

@@ -54,6 +54,23 @@ BAD_LAYOUTS = [
     (2, ["parallel.dp_engine=zero3"], "parallel.dp_engine"),
     (2, ["parallel.tp=2", "data.seq_len=255"], "data.seq_len"),  # sequence parallel splits seq by tp
     (2, ["parallel.backend=mpi"], "parallel.backend"),
+    (2, ["parallel.dp_engine=ddp", "parallel.compression.kind=onebit_adam"], "parallel.compression.kind"),
+    (2, ["parallel.compression.kind=topk"], "parallel.compression.kind"),  # fsdp cannot compress
+    (
+        2,
+        ["parallel.dp_engine=ddp", "parallel.compression.kind=topk", "parallel.compression.topk_ratio=0"],
+        "parallel.compression.topk_ratio",
+    ),
+    (
+        2,
+        ["parallel.dp_engine=ddp", "parallel.compression.kind=powersgd", "parallel.compression.rank=0"],
+        "parallel.compression.rank",
+    ),
+    (
+        2,
+        ["parallel.dp_engine=ddp", "parallel.compression.warmup_steps=-1"],
+        "parallel.compression.warmup_steps",
+    ),
 ]
 
 
@@ -73,6 +90,7 @@ def test_bad_layout_names_the_field(world_size, overrides, field):
         (4, ["parallel.tp=2", "parallel.ep=2", "data.micro_batch_size=8"]),
         (2, ["parallel.pp=2"]),
         (8, ["parallel.pp=2", "parallel.ep=2", "data.micro_batch_size=2"]),
+        (4, ["parallel.ep=2", "parallel.dp_engine=ddp", "parallel.compression.kind=moe_selective"]),
     ],
 )
 def test_good_layouts_pass(world_size, overrides):

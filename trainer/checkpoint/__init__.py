@@ -8,10 +8,17 @@ from trainer.checkpoint.manager import (
     step_dirs,
     verify,
 )
-from trainer.checkpoint.state import RNGState, ShardedModelOptimizer, Stateful, TrainProgress
+from trainer.checkpoint.state import (
+    CompressorState,
+    RNGState,
+    ShardedModelOptimizer,
+    Stateful,
+    TrainProgress,
+)
 
 __all__ = [
     "CheckpointWriter",
+    "CompressorState",
     "RNGState",
     "ShardedModelOptimizer",
     "Stateful",

@@ -3,7 +3,7 @@
     <dir>/step-N.tmp/       written first by every rank:
         sharded/            DCP shards of the model + optimizer tensors, index in .metadata.json
         optimizer_groups.pt, scheduler.pt, data.pt, progress.pt   (rank 0; identical on all ranks)
-        rng-rank<r>.pt      (each rank)
+        rng-rank<r>.pt, compressor-rank<r>.pt   (each rank: the parts that differ per rank)
         manifest.json       last: step, layout, config, every file with its size and sha256
     <dir>/step-N/           the .tmp directory renamed (atomic) after everything is fsynced
     <dir>/latest            names the newest complete checkpoint (written atomically)
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint.state import RNGState, ShardedModelOptimizer, Stateful
+from trainer.checkpoint.state import ShardedModelOptimizer, Stateful
 from trainer.checkpoint.storage import METADATA_FILE, JsonFileSystemReader, JsonFileSystemWriter
 from trainer.errors import ConfigError
 
@@ -52,6 +52,14 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _is_per_rank(part: Stateful) -> bool:
+    return getattr(part, "per_rank", False)
+
+
+def _per_rank_file(name: str, rank: int) -> str:
+    return f"{name}-rank{rank}.pt"
 
 
 def _barrier(group: dist.ProcessGroup | None = None) -> None:
@@ -92,14 +100,14 @@ class Snapshot:
     def __init__(self, state: dict[str, Stateful], stage: bool) -> None:
         self.sharded: dict[str, Any] = {}
         self.small: dict[str, Any] = {}
-        self.rng: dict[str, Any] | None = None
+        self.per_rank: dict[str, Any] = {}  # saved by every rank, as <name>-rank<r>.pt
         for name, part in state.items():
             if isinstance(part, ShardedModelOptimizer):
                 sharded = part.sharded_state()
                 self.sharded = _staged(sharded) if stage else sharded
                 self.small[GROUPS] = part.groups_state()
-            elif isinstance(part, RNGState):
-                self.rng = part.state_dict()
+            elif _is_per_rank(part):
+                self.per_rank[name] = _staged(part.state_dict())
             else:
                 self.small[f"{name}.pt"] = part.state_dict()
 
@@ -162,8 +170,8 @@ class CheckpointWriter:
         dcp.save(
             snapshot.sharded, storage_writer=JsonFileSystemWriter(tmp / SHARDED), process_group=self.group
         )
-        if snapshot.rng is not None:
-            _save_file(snapshot.rng, tmp / f"rng-rank{rank}.pt")
+        for name, value in snapshot.per_rank.items():
+            _save_file(value, tmp / _per_rank_file(name, rank))
         if rank == 0:
             for filename, value in snapshot.small.items():
                 _save_file(value, tmp / filename)
@@ -274,10 +282,10 @@ def restore(state: dict[str, Stateful], path: Path) -> None:
             check_model_shapes(sharded["model"], saved_shapes(path), path)
             dcp.load(sharded, storage_reader=JsonFileSystemReader(path / SHARDED))
             part.load(sharded, torch.load(path / GROUPS, weights_only=True))
-        elif isinstance(part, RNGState):
-            rng_file = path / f"rng-rank{_rank()}.pt"
-            if rng_file.is_file():  # absent when resuming on more ranks: keep this rank's seed
-                part.load_state_dict(torch.load(rng_file, weights_only=True))
+        elif _is_per_rank(part):
+            file = path / _per_rank_file(name, _rank())
+            if file.is_file():  # absent when resuming on more ranks: this rank keeps its fresh state
+                part.load_state_dict(torch.load(file, weights_only=True))
         else:
             file = path / f"{name}.pt"
             if not file.is_file():

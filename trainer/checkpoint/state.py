@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from parallel.compression import Compressor
 
 
 class Stateful(Protocol):
@@ -43,7 +45,10 @@ class TrainProgress:
 
 
 class RNGState:
-    """Python, NumPy, torch CPU (and CUDA) generator states, all as tensors."""
+    """Python, NumPy, torch CPU (and CUDA) generator states, all as tensors. Different on every
+    rank: saved per rank (`per_rank`)."""
+
+    per_rank: ClassVar[bool] = True
 
     def state_dict(self) -> dict[str, Any]:
         version, py_state, gauss = random.getstate()
@@ -69,6 +74,26 @@ class RNGState:
         torch.set_rng_state(sd["torch"])
         if "cuda" in sd and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(sd["cuda"])
+
+
+class CompressorState:
+    """The gradient compressor's error-feedback residuals and warm-up counter, saved per rank:
+    a residual is the part of *this rank's* gradients not yet sent. Residuals are keyed by
+    parameter name with this layout's local shapes, so they are restored only at the layout they
+    were saved at; at another layout they restart from zero (the warm-up counter is kept)."""
+
+    per_rank: ClassVar[bool] = True
+
+    def __init__(self, compressor: Compressor, layout: tuple[int, ...]) -> None:
+        self.compressor = compressor
+        self.layout = torch.tensor(layout)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.compressor.state_dict(), "layout": self.layout.clone()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        same_layout = torch.equal(sd["layout"], self.layout)
+        self.compressor.load_state_dict({**sd, "residuals": sd["residuals"] if same_layout else {}})
 
 
 class ShardedModelOptimizer:
