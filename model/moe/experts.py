@@ -38,6 +38,7 @@ class GroupedExperts(nn.Module):
             if x_nD.shape[0] > 0:
                 outputs.append((F.silu(x_nD @ w1_e) * (x_nD @ w3_e)) @ w2_e)
         if not outputs:
-            # No tokens at all: keep the weights in the graph so gradients are defined (zeros).
-            return x_ND @ w1[0] @ w2[0] * 0.0
+            # No tokens at all: keep every weight in the graph so gradients are defined (zeros);
+            # a missing one would make this rank skip collectives its replicas run on it.
+            return ((F.silu(x_ND @ w1[0]) * (x_ND @ w3[0])) @ w2[0]) * 0.0
         return torch.cat(outputs)

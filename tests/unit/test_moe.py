@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig, MoEConfig
-from model.moe import MoE, Router
+from model.moe import GroupedExperts, MoE, Router
 from model.moe.dispatch import capacity_keep_mask, expert_capacity
 from model.moe.losses import load_balancing_loss, router_z_loss
 
@@ -181,3 +181,13 @@ def test_expert_bias_update_favours_underloaded_experts():
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
     assert layer.step_counts_E.sum() == 0
     assert layer.last_step_stats["load_max_over_mean"] == pytest.approx(2.0)
+
+
+def test_experts_without_tokens_still_get_zero_gradients_for_every_weight():
+    """An expert-parallel rank whose experts get no token must still produce (zero) gradients for
+    w1, w2 and w3: its replicas sync those gradients, and a missing one desynchronises the ranks."""
+    experts = GroupedExperts(num_experts=2, dim=4, hidden=3)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w)
+    experts(torch.zeros(0, 4, requires_grad=True), torch.zeros(2, dtype=torch.long)).sum().backward()
+    assert all(w.grad is not None and not w.grad.any() for w in (experts.w1, experts.w2, experts.w3))
