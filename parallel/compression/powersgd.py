@@ -3,13 +3,15 @@
 torch's PowerSGD DDP hook hangs on gloo once DDP has more than one bucket, and its batched variant
 fails in torch 2.13. Here every collective is a blocking call made in bucket order, so ranks never
 interleave them differently. Per call (one DDP bucket or one expert weight):
-  1. each tensor with a worthwhile low-rank form is viewed as M [m, n] (m = first dim), others are
-     sent uncompressed in the same buffer as the P factors;
+  1. each tensor with a worthwhile low-rank form is viewed as a batch of matrices M [b, m, n]: a
+     2-D weight as one matrix (b = 1), an expert bank [E, d, f] as E matrices [d, f] (each
+     expert's gradient is its own low-rank problem); others are sent uncompressed in the same
+     buffer as the P factors;
   2. P = M Q (Q [n, r] warm-started from the last step; the first Q comes from a seed derived from
      the tensor's key, so all ranks agree), all-reduce P, orthonormalise it (QR);
   3. Q = M^T P, all-reduce Q; the sum over ranks is P Q^T, this rank's part P (M^T P)^T, and the
      rest of M stays in the residual (error feedback). The summed Q warm-starts the next step.
-Two all-reduces per call of sum(m_i + n_i) * r floats (+ the small tensors).
+Two all-reduces per call of sum(b_i * (m_i + n_i)) * r floats (+ the small tensors).
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ class PowerSGDCompression(Compressor):
         self.seed = seed
         self.q: dict[str, torch.Tensor] = {}  # warm-start Q per key
 
-    def _matrix_shape(self, shape: torch.Size) -> tuple[int, int] | None:
-        """[m, n] if a rank-r factorisation sends fewer values than the tensor, else None."""
+    def _matrix_shape(self, shape: torch.Size) -> tuple[int, int, int] | None:
+        """[b, m, n] if rank-r factorisations send fewer values than the tensor, else None."""
         if len(shape) < 2:
             return None
-        m = shape[0]
-        n = shape.numel() // m
-        return (m, n) if (m + n) * self.rank < m * n else None
+        b, m = (1, shape[0]) if len(shape) == 2 else (shape[0], shape[1])
+        n = shape.numel() // (b * m)
+        return (b, m, n) if (m + n) * self.rank < m * n else None
 
-    def _initial_q(self, key: str, n: int) -> torch.Tensor:
+    def _initial_q(self, key: str, b: int, n: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
-        return torch.randn(n, self.rank, generator=gen)
+        return torch.randn(b, n, self.rank, generator=gen)
 
     def _compressed_sum(
         self, x: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
@@ -55,10 +57,10 @@ class PowerSGDCompression(Compressor):
         dense = [i for i in range(len(segments)) if i not in matrices]
 
         # 2. P = M Q for every matrix, in one buffer with the uncompressed tensors.
-        for i, (_, n) in low_rank:
+        for i, (b, _, n) in low_rank:
             key = segments[i].key
-            if key not in self.q or self.q[key].shape[0] != n:
-                self.q[key] = self._initial_q(key, n)
+            if key not in self.q or self.q[key].shape[:2] != (b, n):
+                self.q[key] = self._initial_q(key, b, n)
         ps = [matrices[i] @ self.q[segments[i].key] for i, _ in low_rank]
         buffer = self._all_reduce(torch.cat([p.reshape(-1) for p in ps] + [parts[i] for i in dense]), group)
         summed = buffer.split([p.numel() for p in ps] + [parts[i].numel() for i in dense])
@@ -68,16 +70,17 @@ class PowerSGDCompression(Compressor):
         ps = [torch.linalg.qr(p_sum.view(p.shape)).Q for p_sum, p in zip(summed, ps)]
 
         # 3. Q = M^T P, summed over ranks.
-        qs = [matrices[i].T @ p for (i, _), p in zip(low_rank, ps)]
+        qs = [matrices[i].mT @ p for (i, _), p in zip(low_rank, ps)]
         q_sums = self._all_reduce(torch.cat([q.reshape(-1) for q in qs]), group) if qs else torch.zeros(0)
         for (i, _), p, q, q_sum in zip(low_rank, ps, qs, q_sums.split([q.numel() for q in qs])):
             q_sum = q_sum.view(q.shape)
-            sent[i] = (p @ q.T).reshape(-1)
-            total[i] = (p @ q_sum.T).reshape(-1)
+            sent[i] = (p @ q.mT).reshape(-1)
+            total[i] = (p @ q_sum.mT).reshape(-1)
             # Warm start from the summed Q, unless it is zero (a zero gradient, e.g. an expert
             # without tokens): P = M Q would then stay zero forever. Same decision on all ranks.
             key = segments[i].key
-            self.q[key] = torch.where(q_sum.abs().amax() > 0, q_sum, self._initial_q(key, q_sum.shape[0]))
+            nonzero_B11 = q_sum.abs().amax(dim=(1, 2), keepdim=True) > 0
+            self.q[key] = torch.where(nonzero_B11, q_sum, self._initial_q(key, *q_sum.shape[:2]))
         return torch.cat(sent), torch.cat(total)
 
     def state_dict(self) -> dict[str, Any]:

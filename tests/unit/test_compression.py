@@ -69,6 +69,18 @@ def test_powersgd_exact_on_rank_r_matrix():
     assert torch.equal(psgd.all_reduce_sum(small, None, "s"), small)
 
 
+def test_powersgd_compresses_each_expert_of_a_bank_on_its_own():
+    """[E, d, f] expert weights: E independent rank-r problems, so each expert's rank-2 gradient
+    is exact (one rank-2 factorisation of the [E, d*f] view could not be), and an expert with no
+    tokens (zero gradient) stays zero while the others are reconstructed."""
+    g = torch.Generator().manual_seed(2)
+    bank_EDF = torch.randn(4, 24, 2, generator=g) @ torch.randn(4, 2, 16, generator=g)
+    bank_EDF[1] = 0.0  # as a [4, 24 * 16] matrix the bank has rank 3
+    psgd = PowerSGDCompression(rank=2)
+    total = psgd.all_reduce_sum_experts(bank_EDF, None, "experts.w1")
+    torch.testing.assert_close(total, bank_EDF, rtol=0, atol=1e-5 * bank_EDF.abs().max().item())
+
+
 def test_powersgd_recovers_from_a_zero_gradient():
     psgd = PowerSGDCompression(rank=2)
     psgd.all_reduce_sum(torch.zeros(20, 10), None, "m")  # e.g. an expert that saw no token
@@ -80,8 +92,8 @@ def test_powersgd_recovers_from_a_zero_gradient():
 
 def test_powersgd_initial_q_is_deterministic():
     a, b = PowerSGDCompression(rank=2, seed=3), PowerSGDCompression(rank=2, seed=3)
-    assert torch.equal(a._initial_q("layers.0.w", 10), b._initial_q("layers.0.w", 10))
-    assert not torch.equal(a._initial_q("layers.0.w", 10), a._initial_q("layers.1.w", 10))
+    assert torch.equal(a._initial_q("layers.0.w", 1, 10), b._initial_q("layers.0.w", 1, 10))
+    assert not torch.equal(a._initial_q("layers.0.w", 1, 10), a._initial_q("layers.1.w", 1, 10))
 
 
 @pytest.mark.parametrize("kind", sorted(LOSSY))
