@@ -170,9 +170,9 @@ def main() -> None:
         from benchmarks.slow_network import two_host_launcher
 
         steps = args.steps or 30
-        with two_host_launcher(WORLD, args.rate, args.delay, environment()) as launch:
+        with two_host_launcher(WORLD, args.rate, args.delay, environment()) as (launch, shaping):
             results = run_settings(names, steps, args.warmup_steps, launch)
-        where = f"2 hosts x 2 ranks, link {args.rate} / {args.delay} (tc netem)"
+        where = f"2 hosts x 2 ranks, link shaped by tc: {shaping}"
     else:
         steps = args.steps or 100
         results = run_settings(names, steps, args.warmup_steps, local_torchrun)

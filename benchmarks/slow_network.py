@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def two_host_launcher(world: int, rate: str, delay: str, env: dict[str, str]) -> Iterator[Launcher]:
-    """Sets up the two hosts, yields `launch(trainer_args, cwd)`, tears the hosts down."""
+def two_host_launcher(
+    world: int, rate: str, delay: str, env: dict[str, str]
+) -> Iterator[tuple[Launcher, str]]:
+    """Sets up the two hosts, yields (`launch(trainer_args, cwd)`, the shaping tc applied), tears
+    the hosts down."""
     available, why = netns_available()
     if not available:
         raise SystemExit(f"--slow-network needs network namespaces, which this process cannot create: {why}")
@@ -53,4 +56,4 @@ def two_host_launcher(world: int, rate: str, delay: str, env: dict[str, str]) ->
             output = "".join(log.read_text() for log in logs)
             return subprocess.CompletedProcess(cmd, code, output, output)
 
-        yield launch
+        yield launch, pair.shaping

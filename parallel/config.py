@@ -19,8 +19,12 @@ class ParallelConfig:
     ep: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     dp_engine: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp (replicated; gradient compression hooks in)
-    # Compressed gradient sync (dp_engine=ddp): DDP comm hook for dense parameters, and the
-    # expert-data-parallel sync of expert weights.
+    # native (torch: dp_engine above) | deepspeed (ZeRO for dense parameters, our expert sync and
+    # optimizer for experts: parallel/deepspeed_engine.py; dp_engine is then not used)
+    engine: str = "native"
+    zero_stage: int = 1  # engine=deepspeed: 1 (optimizer state partitioned over dp) | 2 (+ gradients)
+    # Compressed gradient sync: with dp_engine=ddp the DDP comm hook for dense parameters and the
+    # expert-data-parallel sync of expert weights; with engine=deepspeed the expert sync only.
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded along the sequence
     activation_checkpointing: str = "none"  # none | full | selective (parallel/activation_checkpoint.py)

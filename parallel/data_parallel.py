@@ -95,6 +95,9 @@ def maybe_no_grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     elif isinstance(model, DistributedDataParallel) and not sync:
         with model.no_sync():
             yield
+    elif hasattr(model, "set_gradient_accumulation_boundary"):  # a DeepSpeed engine
+        model.set_gradient_accumulation_boundary(sync)
+        yield
     else:
         yield
 

@@ -13,6 +13,8 @@ Order (each step only sees the plain model plus what earlier steps did):
      the configured compressor; MoE token counts are summed over "dp" for the global-batch
      balancing loss and the expert-bias update;
   9. pipeline schedule over the stage modules.
+With `parallel.engine=deepspeed` steps 6 and 8 are left out: `ParallelModel.wrap_optimizer` hands
+the model to DeepSpeed's ZeRO with the optimizer (parallel/deepspeed_engine.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from model.moe import MoE
 from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.compression import Compressor, compressor_from_config
 from parallel.config import ParallelConfig
-from parallel.data_parallel import apply_ddp, apply_fsdp, sync_expert_grads
+from parallel.data_parallel import apply_ddp, apply_fsdp, clip_grads_, sync_expert_grads
 from parallel.dims import Meshes, ParallelDims
 from parallel.expert import apply_expert_parallel
 
@@ -73,6 +75,17 @@ class ParallelModel:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]
+
+    # What the step does through the data-parallel engine (the DeepSpeed engine overrides these).
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grads_(self, max_norm: float) -> torch.Tensor:
+        """Clip to a global gradient norm of `max_norm` (0 = no clipping); returns the norm."""
+        return clip_grads_(self.parameters(), max_norm, self.group("pp"))
 
     def train(self, mode: bool = True) -> None:
         for part in self.parts:
@@ -128,8 +141,9 @@ def parallelize(
 
         stages = split_model(model, meshes.pp_rank, dims.pp, pcfg)
         num_stages = dims.pp * pcfg.pp_stages_per_rank
+    dp_engine = "deepspeed" if pcfg.engine == "deepspeed" else pcfg.dp_engine
     compressor = None
-    if dims.dp > 1 and pcfg.dp_engine == "ddp":
+    if dims.dp > 1 and dp_engine in ("ddp", "deepspeed"):  # deepspeed: the experts' sync only
         compressor = compressor_from_config(pcfg.compression)
     parts = []
     for _, part in stages:
@@ -140,7 +154,7 @@ def parallelize(
 
             apply_tensor_parallel(part, meshes.tp, pcfg.sequence_parallel)  # 4
         apply_activation_checkpointing(part, pcfg.activation_checkpointing)  # 5
-        if dims.dp > 1 and pcfg.dp_engine == "fsdp":
+        if dims.dp > 1 and dp_engine == "fsdp":
             apply_fsdp(part, meshes)  # 6
         part.to_empty(device=device)  # 7
         part.init_weights(seed)
@@ -148,12 +162,15 @@ def parallelize(
             dp_group = meshes.dp.get_group()
             for moe in (m for m in part.modules() if isinstance(m, MoE)):
                 moe.reduce_counts = functools.partial(_all_reduce_sum, group=dp_group)  # 8
-            if compressor is not None:
+            if dp_engine == "ddp":
                 part = apply_ddp(part, meshes, compressor)
         parts.append(part)
-    pm = ParallelModel(
-        parts, [s for s, _ in stages], num_stages, dims, meshes, pcfg.dp_engine, compressor=compressor
-    )
+    pm_cls = ParallelModel
+    if dp_engine == "deepspeed":  # the engine itself comes with the optimizer (wrap_optimizer)
+        from parallel.deepspeed_engine import DeepSpeedParallelModel
+
+        pm_cls = functools.partial(DeepSpeedParallelModel, zero_stage=pcfg.zero_stage)
+    pm = pm_cls(parts, [s for s, _ in stages], num_stages, dims, meshes, dp_engine, compressor=compressor)
     if dims.pp > 1:  # 9
         from parallel.pipeline import TokenNormalizedLoss, build_schedule
 

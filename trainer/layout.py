@@ -13,6 +13,7 @@ from trainer.validate_helpers import divides, fraction, one_of, positive
 
 BACKENDS = ("auto", "gloo", "nccl")
 DP_ENGINES = ("fsdp", "ddp")
+ENGINES = ("native", "deepspeed")
 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
@@ -71,6 +72,7 @@ def check_layout(cfg: JobConfig, world_size: int) -> None:
             "parallel.pp", p.pp, f"must be <= model.num_layers={m.num_layers}", "use fewer pipeline stages"
         )
     _check_pipeline(cfg, world_size)
+    _check_engine(cfg, dp)
     _check_combinations(cfg)
 
 
@@ -168,10 +170,50 @@ def _check_compression(cfg: JobConfig) -> None:
     positive(c, "parallel.compression", ("warmup_steps", "threshold"), allow_zero=True)
     positive(c, "parallel.compression", ("rank", "chunk_size"))
     fraction("parallel.compression.topk_ratio", c.topk_ratio, low_open=True)
-    if c.kind != "none" and p.dp_engine != "ddp":
+    if c.kind != "none" and p.dp_engine != "ddp" and p.engine != "deepspeed":
         raise bad_value(
             "parallel.compression.kind",
             c.kind,
             f"needs parallel.dp_engine=ddp (it is {p.dp_engine}: FSDP's reduce-scatter cannot be compressed)",
-            "set parallel.dp_engine=ddp, or parallel.compression.kind=none",
+            "set parallel.dp_engine=ddp, or parallel.engine=deepspeed, or parallel.compression.kind=none",
+        )
+
+
+def _check_engine(cfg: JobConfig, dp: int) -> None:
+    """`parallel.engine=deepspeed` (parallel/deepspeed_engine.py): ZeRO-1/2 data parallelism with
+    our expert parallelism, on >= 2 data-parallel ranks, and nothing else."""
+    p = cfg.parallel
+    one_of("parallel.engine", p.engine, ENGINES)
+    if p.engine != "deepspeed":
+        return
+    from parallel.deepspeed_engine import ZERO_STAGES
+
+    if p.pp > 1 or p.tp > 1:
+        raise bad_value(
+            "parallel.engine",
+            p.engine,
+            f"supports data and expert parallelism only (pp={p.pp}, tp={p.tp})",
+            "use parallel.engine=native with tensor or pipeline parallelism",
+        )
+    if p.zero_stage not in ZERO_STAGES:
+        raise bad_value(
+            "parallel.zero_stage",
+            p.zero_stage,
+            "is not supported by parallel.engine=deepspeed",
+            "use 1 (optimizer state partitioned over dp) or 2 (gradients too)",
+        )
+    if dp < 2:
+        raise bad_value(
+            "parallel.engine",
+            p.engine,
+            f"needs data parallelism (dp={dp})",
+            "run on >= 2 ranks, or use parallel.engine=native",
+        )
+    if p.compression.kind != "none" and dp // p.ep == 1:
+        raise bad_value(
+            "parallel.compression.kind",
+            p.compression.kind,
+            f"with parallel.engine=deepspeed compresses only the experts' gradient sync (ZeRO reduces "
+            f"the dense gradients itself), and over dp / ep = {dp} / {p.ep} = 1 rank there is none",
+            "set parallel.compression.kind=none, or an ep smaller than dp",
         )

@@ -102,7 +102,7 @@ def _accumulate(
                 out = model(
                     batch.tokens.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True)
                 )
-            ((out.ce_sum + mtp_coef * out.mtp_ce_sum) / denom).backward()
+            pm.backward((out.ce_sum + mtp_coef * out.mtp_ce_sum) / denom)
         ce_sum += out.ce_sum.detach()
         mtp_sum += out.mtp_ce_sum.detach()
     return ce_sum, mtp_sum

@@ -21,7 +21,6 @@ from torch import nn
 
 from data import DataError
 from model.params import count_params
-from parallel.data_parallel import clip_grads_
 from parallel.dims import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from trainer import checkpoint
@@ -29,9 +28,9 @@ from trainer.checkpoint import (
     CheckpointWriter,
     CompressorState,
     RNGState,
-    ShardedModelOptimizer,
     Stateful,
     TrainProgress,
+    model_optimizer_part,
 )
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
@@ -116,7 +115,9 @@ class Trainer:
         self.pm = parallelize(
             cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches
         )
-        self.optimizer = build_optimizer(nn.ModuleList(self.pm.parts), cfg.optim, self.device.type)
+        self.optimizer = self.pm.wrap_optimizer(
+            build_optimizer(nn.ModuleList(self.pm.parts), cfg.optim, self.device.type)
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.progress = TrainProgress()
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -134,7 +135,7 @@ class Trainer:
     def state(self) -> dict[str, Stateful]:
         """Everything a bitwise resume needs, as named `state_dict()`-able parts."""
         state: dict[str, Stateful] = {
-            "model_optimizer": ShardedModelOptimizer(self.pm.parts, self.optimizer),
+            "model_optimizer": model_optimizer_part(self.pm, self.optimizer),
             "scheduler": self.scheduler,
             "data": self.train_loader,
             "rng": RNGState(),
@@ -226,7 +227,7 @@ class Trainer:
         if maybe_inject("step", step):  # tests only: MOEFORGE_FAULT=nan@step=N (kill/hang act inside)
             losses.ce = poison_(losses.ce, self.pm.parameters())
         self.watchdog.pet(f"step {step}: grad norm/optimizer")
-        grad_norm = clip_grads_(self.pm.parameters(), self.cfg.optim.grad_clip, self.pm.group("pp"))
+        grad_norm = self.pm.clip_grads_(self.cfg.optim.grad_clip)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
         skipped = not all_finite(losses.total, grad_norm)  # the same decision on every rank
         if not skipped:

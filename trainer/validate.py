@@ -23,6 +23,9 @@ AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 ATTENTIONS = ("gqa", "mla")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
+# DeepSpeed's 1-bit Adam, 0/1 Adam and 1-bit LAMB (its config names, and ours with "_"): gone
+# from DeepSpeed 0.19.8 (`deepspeed.runtime.fp16.onebit`); our sign compressor replaces them.
+DEEPSPEED_ONEBIT = ("onebitadam", "zerooneadam", "onebitlamb")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = ("parquet", "megatron")
@@ -178,6 +181,14 @@ def _check_data(cfg: JobConfig) -> None:
 
 def _check_optim_and_train(cfg: JobConfig, world_size: int) -> None:
     o, t = cfg.optim, cfg.train
+    if o.name.lower().replace("_", "") in DEEPSPEED_ONEBIT:
+        raise bad_value(
+            "optim.name",
+            o.name,
+            "is a DeepSpeed 1-bit optimizer, which DeepSpeed 0.19.8 no longer ships",
+            "use optim.name=adamw with parallel.compression.kind=sign: our 1-bit Adam-style sign "
+            "compression with error feedback, on parallel.dp_engine=ddp or parallel.engine=deepspeed",
+        )
     one_of("optim.name", o.name, OPTIMIZERS)
     one_of("optim.schedule", o.schedule, SCHEDULES)
     positive(o, "optim", ("lr", "eps"))

@@ -46,8 +46,10 @@ CASES = {
     "topk_all": CompressionConfig(kind="topk", topk_ratio=1.0),
     "int8_warmup": CompressionConfig(kind="int8", warmup_steps=100),
     "bf16": CompressionConfig(kind="bf16"),
-    "powersgd": CompressionConfig(kind="powersgd", rank=4, warmup_steps=2),
-    "topk": CompressionConfig(kind="topk", topk_ratio=0.05),
+    "powersgd": CompressionConfig(
+        kind="powersgd", rank=4, warmup_steps=2
+    ),  # top-k and PowerSGD: warm-up, as advised
+    "topk": CompressionConfig(kind="topk", topk_ratio=0.05, warmup_steps=2),
     "sign": CompressionConfig(kind="sign"),
     "int8": CompressionConfig(kind="int8", chunk_size=256),
     "moe_selective": CompressionConfig(kind="moe_selective", chunk_size=256),

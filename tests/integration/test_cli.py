@@ -152,3 +152,31 @@ def test_torchrun_four_ranks_then_resume_at_another_layout(tmp_path: Path, small
     assert "layout dp=2 ep=2 tp=2 pp=1" in second.stdout
     assert "resumed from" in second.stdout and "steps            4 -> 6" in second.stdout
     assert records(run_dir, "train")[-1]["step"] == 6
+
+
+@pytest.mark.slow
+def test_torchrun_deepspeed_engine_then_resume_on_the_native_engine(
+    tmp_path: Path, small_dataset: Path
+) -> None:
+    """`parallel.engine=deepspeed` (ZeRO-2, experts over ep2, 2 micro-batches per rank) through
+    `torchrun -m trainer` on 4 ranks; its checkpoint then resumes on the native engine (FSDP)."""
+    run_dir = tmp_path / "run"
+    common = [
+        *SMALL,
+        f"run.dir={run_dir}",
+        f"data.sources=[{{path:'{small_dataset}'}}]",
+        "model.vocab_size=512",
+        "train.global_batch_size=16",
+        "logging.wandb_mode=disabled",
+        "parallel.ep=2",
+    ]
+    deepspeed = ["parallel.engine=deepspeed", "parallel.zero_stage=2"]
+    first = run_torchrun(4, [*common, *deepspeed, "train.steps=4"], tmp_path)
+    assert "layout dp=4 ep=2 tp=1 pp=1" in first.stdout and "2 micro-batches/step/rank" in first.stdout
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-4"
+
+    second = run_torchrun(4, [*common, "train.steps=6"], tmp_path)
+    assert "resumed from" in second.stdout and "steps            4 -> 6" in second.stdout
+    val = records(run_dir, "val")
+    assert val[-1]["val/loss"] < val[0]["val/loss"]

@@ -71,6 +71,19 @@ BAD_LAYOUTS = [
         ["parallel.dp_engine=ddp", "parallel.compression.warmup_steps=-1"],
         "parallel.compression.warmup_steps",
     ),
+    (2, ["parallel.engine=megatron"], "parallel.engine"),
+    (4, ["parallel.engine=deepspeed", "parallel.tp=2", "data.micro_batch_size=8"], "parallel.engine"),
+    (4, ["parallel.engine=deepspeed", "parallel.pp=2"], "parallel.engine"),
+    (2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"], "parallel.zero_stage"),
+    (1, ["parallel.engine=deepspeed"], "parallel.engine"),  # no data parallelism
+    (  # dp / ep = 1: no expert sync to compress, and ZeRO's dense reduction is not compressed
+        2,
+        ["parallel.engine=deepspeed", "parallel.ep=2", "parallel.compression.kind=sign"],
+        "parallel.compression.kind",
+    ),
+    (2, ["optim.name=onebit_adam"], "optim.name"),  # DeepSpeed's 1-bit optimizers are gone
+    (2, ["optim.name=ZeroOneAdam"], "optim.name"),
+    (2, ["optim.name=onebitlamb"], "optim.name"),
 ]
 
 
@@ -91,10 +104,17 @@ def test_bad_layout_names_the_field(world_size, overrides, field):
         (2, ["parallel.pp=2"]),
         (8, ["parallel.pp=2", "parallel.ep=2", "data.micro_batch_size=2"]),
         (4, ["parallel.ep=2", "parallel.dp_engine=ddp", "parallel.compression.kind=moe_selective"]),
+        (4, ["parallel.engine=deepspeed", "parallel.ep=2", "parallel.compression.kind=sign"]),
+        (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     ],
 )
 def test_good_layouts_pass(world_size, overrides):
     load_config(overrides, world_size=world_size)
+
+
+def test_a_deepspeed_onebit_optimizer_points_to_the_sign_compressor():
+    with pytest.raises(ConfigError, match=r"parallel\.compression\.kind=sign"):
+        load_config(["optim.name=onebit_adam"], world_size=2)
 
 
 def test_cli_rejects_a_layout_before_any_process_group():

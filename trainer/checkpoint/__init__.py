@@ -14,6 +14,7 @@ from trainer.checkpoint.state import (
     ShardedModelOptimizer,
     Stateful,
     TrainProgress,
+    model_optimizer_part,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Stateful",
     "TrainProgress",
     "latest_valid",
+    "model_optimizer_part",
     "restore",
     "step_dirs",
     "verify",

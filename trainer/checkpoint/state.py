@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -13,6 +13,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from parallel.compression import Compressor
+
+if TYPE_CHECKING:
+    from parallel.parallelize import ParallelModel
 
 
 class Stateful(Protocol):
@@ -137,6 +140,16 @@ class ShardedModelOptimizer:
             model_state_dict={to_full[k]: v for k, v in sharded["model"].items()},
             optim_state_dict=optim_sd,
         )
+
+
+def model_optimizer_part(pm: ParallelModel, optimizer: torch.optim.Optimizer) -> ShardedModelOptimizer:
+    """The checkpoint part of this layout's model and optimizer: ZeRO's partitioned optimizer state
+    (`parallel.engine=deepspeed`) is gathered into the same format (`deepspeed.py`)."""
+    if pm.dp_engine == "deepspeed":
+        from trainer.checkpoint.deepspeed import DeepSpeedModelOptimizer
+
+        return DeepSpeedModelOptimizer(pm.transformers, optimizer)
+    return ShardedModelOptimizer(pm.parts, optimizer)
 
 
 def _strip(key: str) -> str:
