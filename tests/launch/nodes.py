@@ -13,22 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.fault.launch import TINY
+
 REPO = Path(__file__).resolve().parents[2]
-# The tiny recipe cut down to seconds per step on 4 CPU ranks.
-SMALL = [
-    "recipe=tiny_cpu",
-    "data.seq_len=32",
-    "data.micro_batch_size=2",
-    "data.val_batches=1",
-    "train.global_batch_size=8",
-    "train.log_every=1",
-    "train.val_every=0",
-    "optim.warmup_steps=1",
-    "model.vocab_size=512",
-    "parallel.ep=2",  # dp 4 over the two nodes, experts sharded over 2 of them
-    "logging.progress=false",
-    "logging.wandb_mode=disabled",
-]
+# The fault tests' 4-rank tiny job, its dp 4 spread over the two nodes with experts over 2 of them.
+SMALL = [*TINY, "parallel.ep=2"]
 
 
 @dataclass
