@@ -16,9 +16,10 @@ whose gradient sync goes through the compressor), with the same seed, data and s
   singled out: rank 0's wall time per step, which waits for every collective.
 
 `--slow-network` runs the same settings as two "hosts" of 2 ranks each: two Linux network
-namespaces joined by a veth pair rate-limited with `tc` (`launch/netns.py`; set up before and
-torn down after, whatever happens). The delay needs the kernel's `sch_netem`; where it is missing
-(this project's CI VM) the link is rate-limited by `tbf` without delay, and the output says so. Only traffic between the hosts crosses the limited link,
+namespaces joined by a link rate-limited and delayed (`launch/netns.py`; set up before and torn
+down after, whatever happens): by `tc netem` on a veth pair, or, where the kernel has no
+`sch_netem` (this project's CI VM), by `tbf` and a userspace delay line between two TUN devices;
+the output says which. Only traffic between the hosts crosses the limited link,
 as on a real cluster where ranks of one node talk over shared memory or NVLink. It needs root (or
 CAP_NET_ADMIN) and says so if it lacks the privilege.
 """
@@ -172,7 +173,7 @@ def main() -> None:
         steps = args.steps or 30
         with two_host_launcher(WORLD, args.rate, args.delay, environment()) as (launch, shaping):
             results = run_settings(names, steps, args.warmup_steps, launch)
-        where = f"2 hosts x 2 ranks, link shaped by tc: {shaping}"
+        where = f"2 hosts x 2 ranks, link shaping: {shaping}"
     else:
         steps = args.steps or 100
         results = run_settings(names, steps, args.warmup_steps, local_torchrun)

@@ -1,5 +1,5 @@
 """A launcher for `benchmarks/compression.py --slow-network`: the job's ranks split over two
-simulated hosts (network namespaces joined by a rate-limited veth pair, `launch/netns.py`), one
+simulated hosts (network namespaces joined by a rate-limited, delayed link, `launch/netns.py`), one
 torchrun agent per host started through `launch/train_multi_node.sh`, meeting at the first host's
 address."""
 
