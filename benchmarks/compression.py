@@ -57,6 +57,16 @@ SETTINGS: dict[str, list[str]] = {
         "parallel.compression.rank=4",
         f"parallel.compression.warmup_steps={WARMUP}",
     ],
+    # int8 factors cost 1/4 of fp32 ones: rank 16 for the bytes of rank 4.
+    **{
+        f"powersgd r{rank} int8": [
+            "parallel.compression.kind=powersgd",
+            f"parallel.compression.rank={rank}",
+            "parallel.compression.factor_bits=8",
+            f"parallel.compression.warmup_steps={WARMUP}",
+        ]
+        for rank in (16, 32)
+    },
 }
 
 Launcher = Callable[[list[str], Path], subprocess.CompletedProcess]

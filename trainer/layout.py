@@ -170,6 +170,7 @@ def _check_compression(cfg: JobConfig) -> None:
     positive(c, "parallel.compression", ("warmup_steps", "threshold"), allow_zero=True)
     positive(c, "parallel.compression", ("rank", "chunk_size"))
     fraction("parallel.compression.topk_ratio", c.topk_ratio, low_open=True)
+    one_of("parallel.compression.factor_bits", str(c.factor_bits), ("8", "32"))
     if c.kind != "none" and p.dp_engine != "ddp" and p.engine != "deepspeed":
         raise bad_value(
             "parallel.compression.kind",

@@ -35,8 +35,9 @@ class CompressionConfig:
     warmup_steps: int = 0  # optimizer steps sent uncompressed first
     rank: int = 4  # powersgd: rank of the approximation
     seed: int = 0  # powersgd: seed of the initial Q (identical on every rank)
+    factor_bits: int = 32  # powersgd: 32 (fp32 all-reduce of P and Q) or 8 (two-phase int8)
     topk_ratio: float = 0.01  # topk: fraction of the entries sent
-    chunk_size: int = 1024  # int8 / moe_selective: entries per quantization scale
+    chunk_size: int = 1024  # int8 / moe_selective / powersgd at 8 bits: entries per quantization scale
     threshold: float = 0.0  # moe_selective: experts whose gradient norm is below it skip the sync
 
 
@@ -167,6 +168,17 @@ class Compressor(ABC):
         if p > 1:
             dist.all_reduce(t, group=group)
         return t
+
+    def _all_to_all(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Rank j receives slice j of every rank's `t` (cut in p equal slices), stacked in rank
+        order: `[p, t.numel() // p]`, counted."""
+        p = group_size(group)
+        self.bytes_sent += (p - 1) * (t.numel() // p) * t.element_size()
+        if p == 1:
+            return t.view(1, -1)
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t.contiguous(), group=group)
+        return out.view(p, -1)
 
     def _all_gather(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """Every rank's `t` (same shape on all ranks), stacked: `[p, *t.shape]`, counted."""

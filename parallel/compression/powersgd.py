@@ -11,7 +11,10 @@ interleave them differently. Per call (one DDP bucket or one expert weight):
      the tensor's key, so all ranks agree), all-reduce P, orthonormalise it (QR);
   3. Q = M^T P, all-reduce Q; the sum over ranks is P Q^T, this rank's part P (M^T P)^T, and the
      rest of M stays in the residual (error feedback). The summed Q warm-starts the next step.
-Two all-reduces per call of sum(b_i * (m_i + n_i)) * r floats (+ the small tensors).
+Two all-reduces per call of sum(b_i * (m_i + n_i)) * r floats (+ the small tensors), in fp32, or
+with `factor_bits=8` as two-phase int8 all-reduces (`quantize.int8_sum`: 1/4 of the bytes, so rank
+4r costs what rank r costs in fp32). Each rank's rounding of its Q goes to its residual; P needs
+none (all ranks use the same dequantized P, which only tilts the subspace a little).
 """
 
 from __future__ import annotations
@@ -23,16 +26,26 @@ import torch
 import torch.distributed as dist
 
 from parallel.compression.base import Compressor, Segment
+from parallel.compression.quantize import int8_sum
 
 
 class PowerSGDCompression(Compressor):
     kind = "powersgd"
-    options = ("rank", "seed")
+    options = ("rank", "seed", "factor_bits", "chunk_size")
 
-    def __init__(self, warmup_steps: int = 0, rank: int = 4, seed: int = 0) -> None:
+    def __init__(
+        self,
+        warmup_steps: int = 0,
+        rank: int = 4,
+        seed: int = 0,
+        factor_bits: int = 32,
+        chunk_size: int = 1024,
+    ) -> None:
         super().__init__(warmup_steps)
         self.rank = rank
         self.seed = seed
+        self.factor_bits = factor_bits
+        self.chunk_size = chunk_size
         self.q: dict[str, torch.Tensor] = {}  # warm-start Q per key
 
     def _matrix_shape(self, shape: torch.Size) -> tuple[int, int, int] | None:
@@ -62,19 +75,18 @@ class PowerSGDCompression(Compressor):
             if key not in self.q or self.q[key].shape[:2] != (b, n):
                 self.q[key] = self._initial_q(key, b, n)
         ps = [matrices[i] @ self.q[segments[i].key] for i, _ in low_rank]
-        buffer = self._all_reduce(torch.cat([p.reshape(-1) for p in ps] + [parts[i] for i in dense]), group)
-        summed = buffer.split([p.numel() for p in ps] + [parts[i].numel() for i in dense])
+        sent_buffer, summed_buffer = self._sum([p.reshape(-1) for p in ps] + [parts[i] for i in dense], group)
         sent, total = list(parts), list(parts)
-        for j, i in enumerate(dense):
-            total[i] = summed[len(ps) + j]
-        ps = [torch.linalg.qr(p_sum.view(p.shape)).Q for p_sum, p in zip(summed, ps)]
+        for i, part_sent, part_sum in zip(dense, sent_buffer[len(ps) :], summed_buffer[len(ps) :]):
+            sent[i], total[i] = part_sent, part_sum
+        ps = [torch.linalg.qr(p_sum.view(p.shape)).Q for p_sum, p in zip(summed_buffer, ps)]
 
         # 3. Q = M^T P, summed over ranks.
         qs = [matrices[i].mT @ p for (i, _), p in zip(low_rank, ps)]
-        q_sums = self._all_reduce(torch.cat([q.reshape(-1) for q in qs]), group) if qs else torch.zeros(0)
-        for (i, _), p, q, q_sum in zip(low_rank, ps, qs, q_sums.split([q.numel() for q in qs])):
+        q_sents, q_sums = self._sum([q.reshape(-1) for q in qs], group)
+        for (i, _), p, q, q_sent, q_sum in zip(low_rank, ps, qs, q_sents, q_sums):
             q_sum = q_sum.view(q.shape)
-            sent[i] = (p @ q.mT).reshape(-1)
+            sent[i] = (p @ q_sent.view(q.shape).mT).reshape(-1)
             total[i] = (p @ q_sum.mT).reshape(-1)
             # Warm start from the summed Q, unless it is zero (a zero gradient, e.g. an expert
             # without tokens): P = M Q would then stay zero forever. Same decision on all ranks.
@@ -82,6 +94,20 @@ class PowerSGDCompression(Compressor):
             nonzero_B11 = q_sum.abs().amax(dim=(1, 2), keepdim=True) > 0
             self.q[key] = torch.where(nonzero_B11, q_sum, self._initial_q(key, *q_sum.shape[:2]))
         return torch.cat(sent), torch.cat(total)
+
+    def _sum(
+        self, parts: list[torch.Tensor], group: dist.ProcessGroup | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(each part as the receivers decode it, each part summed over `group`), in one collective."""
+        if not parts:
+            return [], []
+        sizes = [part.numel() for part in parts]
+        flat = torch.cat(parts)
+        if self.factor_bits == 8:
+            sent, summed = int8_sum(self, flat, group, sizes, self.chunk_size)
+        else:
+            sent, summed = flat, self._all_reduce(flat.clone(), group)
+        return list(sent.split(sizes)), list(summed.split(sizes))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "q": {k: v.clone() for k, v in self.q.items()}}

@@ -1,7 +1,12 @@
 """Quantized compressed all-reduce with error feedback (1-bit Adam style): `sign` (1 bit per
 entry + one fp32 scale = mean |x| per tensor) and `int8` (8 bits per entry + one fp32 scale per
-chunk). Both all-gather the packed payloads (sums of quantized values do not stay quantized, so
-an all-reduce of the payload is not possible) and dequantize + sum in fp32 on every rank.
+chunk).
+
+`int8` is a two-phase all-reduce (`int8_sum`), as in 1-bit Adam's compressed all-reduce: the sum
+of quantized values does not stay quantized, so each rank sums one shard of everybody's payload
+(all-to-all), requantizes it and the shards are all-gathered: 2 (p-1)/p bytes per entry, 1/4 of
+the fp32 ring all-reduce at any rank count. `sign` all-gathers its packed bits and sums in fp32
+on every rank ((p-1)/8 bytes per entry: 1/32 of fp32 at 2 ranks, 1/16 at 4 ranks).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.compression.base import Compressor, Segment
+from parallel.compression.base import Compressor, Segment, group_size
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -69,10 +74,10 @@ class SignCompression(Compressor):
 
 
 class Int8Compression(Compressor):
-    """round(x / scale) in int8 with scale = max |x| / 127 per chunk of `chunk_size` entries:
-    1/4 of the fp32 bytes plus 4 bytes per chunk. Chunks never span two parameters (each is
-    padded to whole chunks, and the padding is not sent), so the result does not depend on how
-    DDP grouped parameters into buckets."""
+    """round(x / scale) in int8 with scale = max |x| / 127 per chunk of `chunk_size` entries,
+    summed by `int8_sum`: 1/4 of the fp32 bytes plus 4 bytes per chunk (and the zeros that pad
+    each parameter to whole chunks). Chunks never span two parameters, so the result does not
+    depend on how DDP grouped parameters into buckets."""
 
     kind = "int8"
     options = ("chunk_size",)
@@ -89,15 +94,35 @@ class Int8Compression(Compressor):
     def _int8_sum(
         self, x: torch.Tensor, group: dist.ProcessGroup | None, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sent, sum over `group`) of flat `x`, made of parts of `sizes`, each quantized in its own chunks."""
-        keep, padded = padded_positions(sizes, self.chunk_size)
-        q_pad, scale_C = quantize_int8(x.new_zeros(padded).index_copy_(0, keep, x), self.chunk_size)
-        q = q_pad[keep]
-        sent = dequantize_int8(q_pad, scale_C, self.chunk_size)[keep]
-        q_P, scale_PC = self._all_gather(q, group), self._all_gather(scale_C, group)
-        q_P_pad = q_P.new_zeros(q_P.shape[0], padded)
-        q_P_pad[:, keep] = q_P
-        return sent, dequantize_int8(q_P_pad, scale_PC, self.chunk_size)[:, keep].sum(0)
+        return int8_sum(self, x, group, sizes, self.chunk_size)
+
+
+def int8_sum(
+    comp: Compressor, x: torch.Tensor, group: dist.ProcessGroup | None, sizes: list[int], chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sent, sum over `group`) of flat fp32 `x`, made of parts of `sizes`, by a two-phase int8
+    all-reduce whose collectives `comp` counts:
+    1. each part is padded to whole chunks (so no chunk spans two parameters and the result does not
+       depend on how DDP grouped them) and quantized, one scale per chunk; the padded buffer is cut
+       into p equal shards of whole chunks;
+    2. all-to-all: rank j receives every rank's shard j, dequantizes and sums it in rank order;
+    3. rank j requantizes its summed shard; all-gather; every rank dequantizes the same total.
+    Error feedback stays exact: `sent` is this rank's dequantized phase-1 payload plus, on the shard
+    it summed, the phase-2 rounding of that sum (what 1-bit Adam keeps as the "server" residual),
+    so the ranks' `sent` add up to the total and every rounding reaches some rank's residual."""
+    p = group_size(group)
+    keep, padded = padded_positions(sizes, chunk_size)
+    shard = -(-padded // (p * chunk_size)) * chunk_size
+    q, scale_C = quantize_int8(x.new_zeros(p * shard).index_copy_(0, keep, x), chunk_size)
+    sent = dequantize_int8(q, scale_C, chunk_size)
+    if p == 1:
+        return sent[keep], sent[keep]
+    mine = dequantize_int8(comp._all_to_all(q, group), comp._all_to_all(scale_C, group), chunk_size).sum(0)
+    q_mine, scale_mine = quantize_int8(mine, chunk_size)
+    rank = dist.get_rank(group)
+    sent[rank * shard : (rank + 1) * shard] += dequantize_int8(q_mine, scale_mine, chunk_size) - mine
+    q_all, scale_all = comp._all_gather(q_mine, group), comp._all_gather(scale_mine, group)
+    return sent[keep], dequantize_int8(q_all, scale_all, chunk_size).view(-1)[keep]
 
 
 def padded_positions(sizes: list[int], multiple: int) -> tuple[torch.Tensor, int]:

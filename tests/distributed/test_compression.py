@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.compression import COMPRESSORS, build_compressor, compression_hook
+from parallel.compression.quantize import dequantize_int8, quantize_int8
 from tests.distributed.harness import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -25,6 +26,10 @@ LOSSY = {
     "int8": {"chunk_size": 64},
     "powersgd": {"rank": 2},
     "moe_selective": {"chunk_size": 64},
+}
+# Error feedback cases: each kind at its LOSSY options, plus PowerSGD with int8 factors.
+EF_CASES = {kind: (kind, options) for kind, options in LOSSY.items()} | {
+    "powersgd_int8": ("powersgd", {"rank": 2, "factor_bits": 8, "chunk_size": 64})
 }
 DDP_STEPS = 20
 MB = 1 << 20
@@ -62,13 +67,13 @@ def aggregates(group: dist.ProcessGroup) -> dict:
 def error_feedback(group: dist.ProcessGroup) -> dict:
     """4 compressed steps: the sum of the aggregates and this rank's final residual."""
     out = {}
-    for kind, options in LOSSY.items():
+    for name, (kind, options) in EF_CASES.items():
         comp = build_compressor(kind, **options)
         total = torch.zeros(24, 16)
         for step in range(4):
             total += comp.all_reduce_sum_experts(grad(step, dist.get_rank()), group, "w")
             comp.step()
-        out[kind] = {"total": total, "residual": comp.residuals["w"]}
+        out[name] = {"total": total, "residual": comp.residuals["w"]}
     return out
 
 
@@ -151,6 +156,12 @@ def bytes_on_1m(group: dist.ProcessGroup) -> dict:
     return out
 
 
+def powersgd_int8_bytes_on_1m(group: dist.ProcessGroup) -> dict:
+    comp = build_compressor("powersgd", factor_bits=8)
+    comp.all_reduce_sum(torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0)), group, "w")
+    return comp.step()
+
+
 def run_all() -> dict:
     group = dist.group.WORLD
     return {
@@ -159,6 +170,7 @@ def run_all() -> dict:
         "ddp": ddp_training(group),
         "moe_selective": moe_selective(group),
         "bytes_1m": bytes_on_1m(group),
+        "bytes_1m_powersgd_int8": powersgd_int8_bytes_on_1m(group),
     }
 
 
@@ -192,8 +204,13 @@ def test_compressed_aggregates_within_stated_bounds(results):
         assert torch.equal(results[1]["aggregates"][name]["compressed"], agg[name]), name
     # bf16: two roundings of the inputs and one of the sum, each <= 2^-8 relative.
     assert ((agg["bf16"] - exact).abs() <= 2**-7 * (g0.abs() + g1.abs()) + 2**-8 * exact.abs()).all()
-    # int8 (chunk 1024 > 384 values: one scale per rank): error <= sum over ranks of max |g| / 254.
-    assert ((agg["int8"] - exact).abs() <= (g0.abs().max() + g1.abs().max()) / 254 * 1.0001).all()
+    # int8 (chunk 1024 > 384 values: one scale per rank), two phases: each rank's rounding
+    # (<= max |g| / 254), then the rounding of their sum (<= its max / 254).
+    decoded_sum = sum(dequantize_int8(*quantize_int8(g.reshape(-1), 1024), 1024) for g in (g0, g1))
+    expected_int8 = dequantize_int8(*quantize_int8(decoded_sum, 1024), 1024).view(24, 16)
+    torch.testing.assert_close(agg["int8"], expected_int8, rtol=0, atol=1e-6)
+    bound = (g0.abs().max() + g1.abs().max()) / 254 + decoded_sum.abs().max() / 254
+    assert ((agg["int8"] - exact).abs() <= bound * 1.0001).all()
     # sign: exactly the sum of each rank's sign(g) * mean |g|.
     expected_sign = sum(torch.where(g >= 0, 1.0, -1.0) * g.abs().mean() for g in (g0, g1))
     torch.testing.assert_close(agg["sign"], expected_sign)
@@ -208,7 +225,7 @@ def test_compressed_aggregates_within_stated_bounds(results):
 def test_error_feedback_carries_the_residual_across_steps(results):
     """sum over steps of the aggregates + every rank's residual == sum of all true gradients."""
     true_sum = sum(grad(step, rank) for step in range(4) for rank in range(WORLD))
-    for kind in LOSSY:
+    for kind in EF_CASES:
         totals = [res["error_feedback"][kind]["total"] for res in results]
         assert torch.equal(totals[0], totals[1]), kind
         residuals = [res["error_feedback"][kind]["residual"] for res in results]
@@ -245,7 +262,9 @@ def test_moe_selective_skips_experts_without_tokens(results):
         assert r["synced"].tolist() == [True, False, True, False]
         assert torch.equal(r["total"], results[0]["moe_selective"]["total"])
         assert torch.equal(r["total"][[1, 3]], torch.zeros(2, 8, 6))
-        bound = (g0[[0, 2]].abs().amax((1, 2)) + g1[[0, 2]].abs().amax((1, 2))) / 254 * 1.0001
+        # Two int8 roundings: each rank's (<= its max / 254), then their sum's (<= the sum's max / 254).
+        max_sum = g0[[0, 2]].abs().amax((1, 2)) + g1[[0, 2]].abs().amax((1, 2))
+        bound = max_sum / 254 * (2 + 1 / 254) * 1.0001
         assert ((r["total"][[0, 2]] - (g0 + g1)[[0, 2]]).abs() <= bound[:, None, None]).all()
         # Skipped experts keep (gradient + residual) for later; synced ones keep the int8 error.
         assert torch.equal(r["residual"][[1, 3]], torch.zeros(2, 8, 6))
@@ -268,3 +287,6 @@ def test_bytes_per_step_relative_to_none(results):
     assert ratios["bf16"] == 0.5
     assert ratios["int8"] < 0.26 and ratios["sign"] < 1 / 31 and ratios["topk"] <= 0.02
     assert ratios["powersgd"] < 0.01 and ratios["moe_selective"] < 0.07
+    # PowerSGD's int8 factors: a quarter of its fp32 ones (plus a scale per 1024 entries).
+    int8_factors = results[0]["bytes_1m_powersgd_int8"]["comm_bytes"] / counted["powersgd"]["comm_bytes"]
+    assert 0.25 <= int8_factors < 0.26, int8_factors

@@ -69,6 +69,18 @@ def test_powersgd_exact_on_rank_r_matrix():
     assert torch.equal(psgd.all_reduce_sum(small, None, "s"), small)
 
 
+def test_powersgd_int8_factors_feed_their_rounding_back():
+    """Rank-3 matrix, int8 factors: the sum is exact up to int8 rounding, and that rounding stays in
+    the residual (sum + residual = gradient). Their bytes are checked on real ranks."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(40, 3, generator=gen) @ torch.randn(3, 30, generator=gen)
+    psgd = PowerSGDCompression(rank=3, factor_bits=8, chunk_size=64)
+    total = psgd.all_reduce_sum(m, None, "m")
+    torch.testing.assert_close(total, m, rtol=0, atol=0.02 * m.abs().max().item())
+    assert not torch.equal(total, PowerSGDCompression(rank=3).all_reduce_sum(m, None, "m"))  # it rounds
+    torch.testing.assert_close(total + psgd.residuals["m"], m, rtol=0, atol=1e-6 * m.abs().max().item())
+
+
 def test_powersgd_compresses_each_expert_of_a_bank_on_its_own():
     """[E, d, f] expert weights: E independent rank-r problems, so each expert's rank-2 gradient
     is exact (one rank-2 factorisation of the [E, d*f] view could not be), and an expert with no
@@ -179,6 +191,7 @@ def test_registry_and_config():
         comp = compressor_from_config(CompressionConfig(kind=kind, warmup_steps=3))
         assert comp.kind == kind and comp.warmup_steps == 3
     assert compressor_from_config(CompressionConfig(kind="powersgd", rank=7)).rank == 7
+    assert compressor_from_config(CompressionConfig(kind="powersgd", factor_bits=8)).factor_bits == 8
     with pytest.raises(ValueError, match=r"kind='onebit_adam'.*bf16.*topk"):
         build_compressor("onebit_adam")
     with pytest.raises(ValueError, match=r"kind='nope'.*moe_selective"):

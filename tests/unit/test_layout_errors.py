@@ -68,6 +68,15 @@ BAD_LAYOUTS = [
     ),
     (
         2,
+        [
+            "parallel.dp_engine=ddp",
+            "parallel.compression.kind=powersgd",
+            "parallel.compression.factor_bits=4",
+        ],
+        "parallel.compression.factor_bits",
+    ),
+    (
+        2,
         ["parallel.dp_engine=ddp", "parallel.compression.warmup_steps=-1"],
         "parallel.compression.warmup_steps",
     ),
