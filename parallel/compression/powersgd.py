@@ -75,18 +75,17 @@ class PowerSGDCompression(Compressor):
             if key not in self.q or self.q[key].shape[:2] != (b, n):
                 self.q[key] = self._initial_q(key, b, n)
         ps = [matrices[i] @ self.q[segments[i].key] for i, _ in low_rank]
-        sent_buffer, summed_buffer = self._sum([p.reshape(-1) for p in ps] + [parts[i] for i in dense], group)
+        p_sums, dense_sents, dense_sums = self._sum(ps, [parts[i] for i in dense], group)[1:]
         sent, total = list(parts), list(parts)
-        for i, part_sent, part_sum in zip(dense, sent_buffer[len(ps) :], summed_buffer[len(ps) :]):
+        for i, part_sent, part_sum in zip(dense, dense_sents, dense_sums):
             sent[i], total[i] = part_sent, part_sum
-        ps = [torch.linalg.qr(p_sum.view(p.shape)).Q for p_sum, p in zip(summed_buffer, ps)]
+        ps = [torch.linalg.qr(p_sum).Q for p_sum in p_sums]
 
         # 3. Q = M^T P, summed over ranks.
         qs = [matrices[i].mT @ p for (i, _), p in zip(low_rank, ps)]
-        q_sents, q_sums = self._sum([q.reshape(-1) for q in qs], group)
-        for (i, _), p, q, q_sent, q_sum in zip(low_rank, ps, qs, q_sents, q_sums):
-            q_sum = q_sum.view(q.shape)
-            sent[i] = (p @ q_sent.view(q.shape).mT).reshape(-1)
+        q_sents, q_sums = self._sum(qs, [], group)[:2]
+        for (i, _), p, q_sent, q_sum in zip(low_rank, ps, q_sents, q_sums):
+            sent[i] = (p @ q_sent.mT).reshape(-1)
             total[i] = (p @ q_sum.mT).reshape(-1)
             # Warm start from the summed Q, unless it is zero (a zero gradient, e.g. an expert
             # without tokens): P = M Q would then stay zero forever. Same decision on all ranks.
@@ -96,18 +95,33 @@ class PowerSGDCompression(Compressor):
         return torch.cat(sent), torch.cat(total)
 
     def _sum(
-        self, parts: list[torch.Tensor], group: dist.ProcessGroup | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(each part as the receivers decode it, each part summed over `group`), in one collective."""
+        self, factors: list[torch.Tensor], dense: list[torch.Tensor], group: dist.ProcessGroup | None
+    ) -> tuple[list[torch.Tensor], ...]:
+        """One collective for `factors` ([b, k, r] each) and flat `dense` tensors: (factors as the
+        receivers decode them, factors summed over `group`, the same two for `dense`).
+
+        Factors travel column by column ([b, r, k]) so that an int8 scale never spans two columns:
+        their magnitudes follow the singular values, and a scale set by the first column would
+        round the last ones away. At 8 bits a chunk is at most one column (32 entries or more)."""
+        columns = [f.mT.contiguous() for f in factors]
+        parts = [c.reshape(-1) for c in columns] + dense
         if not parts:
-            return [], []
-        sizes = [part.numel() for part in parts]
+            return [], [], [], []
         flat = torch.cat(parts)
         if self.factor_bits == 8:
-            sent, summed = int8_sum(self, flat, group, sizes, self.chunk_size)
+            sizes = [c.shape[-1] for c in columns for _ in range(c.shape[0] * c.shape[1])]
+            chunk = max(32, min([self.chunk_size, *sizes]))
+            sent, summed = int8_sum(self, flat, group, sizes + [d.numel() for d in dense], chunk)
         else:
             sent, summed = flat, self._all_reduce(flat.clone(), group)
-        return list(sent.split(sizes)), list(summed.split(sizes))
+        numels = [part.numel() for part in parts]
+
+        def unpack(buffer: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            split = buffer.split(numels)
+            return [s.view(c.shape).mT for s, c in zip(split, columns)], list(split[len(columns) :])
+
+        (sent_factors, sent_dense), (summed_factors, summed_dense) = unpack(sent), unpack(summed)
+        return sent_factors, summed_factors, sent_dense, summed_dense
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "q": {k: v.clone() for k, v in self.q.items()}}

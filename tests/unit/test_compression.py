@@ -81,6 +81,17 @@ def test_powersgd_int8_factors_feed_their_rounding_back():
     torch.testing.assert_close(total + psgd.residuals["m"], m, rtol=0, atol=1e-6 * m.abs().max().item())
 
 
+def test_powersgd_int8_factors_scale_each_column_on_its_own():
+    """Factor columns follow the singular values; a column 1000x weaker than its neighbour keeps
+    int8 precision (error <= its own max / 254), as it would not under one scale for both."""
+    g = torch.Generator().manual_seed(4)
+    factor = torch.stack([1000 * torch.randn(64, generator=g), torch.randn(64, generator=g)], dim=-1)
+    sent, summed, _, _ = PowerSGDCompression(rank=2, factor_bits=8)._sum([factor.unsqueeze(0)], [], None)
+    weak, weak_decoded = factor[:, 1], summed[0][0, :, 1]
+    assert (weak_decoded - weak).abs().max() <= weak.abs().max() / 254 * 1.0001
+    assert torch.equal(sent[0], summed[0])  # one rank: what it sends is the sum
+
+
 def test_powersgd_compresses_each_expert_of_a_bank_on_its_own():
     """[E, d, f] expert weights: E independent rank-r problems, so each expert's rank-2 gradient
     is exact (one rank-2 factorisation of the [E, d*f] view could not be), and an expert with no
