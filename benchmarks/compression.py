@@ -67,6 +67,14 @@ SETTINGS: dict[str, list[str]] = {
         ]
         for rank in (16, 32)
     },
+    # Adam's second moment from the factored statistics of the uncompressed local gradients.
+    "powersgd r12 int8 factored-v": [
+        "parallel.compression.kind=powersgd",
+        "parallel.compression.rank=12",
+        "parallel.compression.factor_bits=8",
+        "parallel.compression.second_moment=factored",
+        f"parallel.compression.warmup_steps={WARMUP}",
+    ],
 }
 
 Launcher = Callable[[list[str], Path], subprocess.CompletedProcess]

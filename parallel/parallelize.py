@@ -20,6 +20,7 @@ the model to DeepSpeed's ZeRO with the optimizer (parallel/deepspeed_engine.py).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +73,16 @@ class ParallelModel:
         if self.compressor is not None:
             for model in self.transformers:
                 sync_expert_grads(model, self.meshes, self.compressor)
+
+    def second_moment_source(self) -> Callable[[nn.Parameter], torch.Tensor | None] | None:
+        """For the optimizer, with `parallel.compression.second_moment=factored`: parameter -> the
+        compressor's estimate of its squared gradient this step (None while it sends exact sums)."""
+        compressor = self.compressor
+        if compressor is None or not compressor.factored_second_moment:
+            return None
+        # The compressor keys by name in the unwrapped model, as the DDP hook and expert sync do.
+        names = {p: name for model in self.transformers for name, p in model.named_parameters()}
+        return lambda p: compressor.second_moments.get(names[p])
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts for p in part.parameters()]

@@ -171,6 +171,14 @@ def _check_compression(cfg: JobConfig) -> None:
     positive(c, "parallel.compression", ("rank", "chunk_size"))
     fraction("parallel.compression.topk_ratio", c.topk_ratio, low_open=True)
     one_of("parallel.compression.factor_bits", str(c.factor_bits), ("8", "32"))
+    one_of("parallel.compression.second_moment", c.second_moment, ("compressed", "factored"))
+    if c.second_moment == "factored" and (c.kind == "none" or p.engine == "deepspeed"):
+        raise bad_value(
+            "parallel.compression.second_moment",
+            c.second_moment,
+            "feeds Adam the statistics of a lossy compressor on the native engine",
+            "set parallel.compression.kind (e.g. powersgd) with parallel.engine=native, or second_moment=compressed",
+        )
     if c.kind != "none" and p.dp_engine != "ddp" and p.engine != "deepspeed":
         raise bad_value(
             "parallel.compression.kind",

@@ -16,6 +16,9 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
+# parameter -> this step's estimate of its squared (summed) gradient, or None to use grad ** 2
+SecondMoments = Callable[[nn.Parameter], torch.Tensor | None]
+
 
 def weight_decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     """Parameter names (as in `named_parameters`) with and without weight decay.
@@ -36,13 +39,24 @@ def weight_decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    device_type: str = "cpu",
+    second_moments: SecondMoments | None = None,
+) -> torch.optim.AdamW:
+    """AdamW; with `second_moments` (a gradient compressor's factored statistics) the variant whose
+    second moment is fed them."""
     decay, no_decay = weight_decay_split(model)
     params = dict(model.named_parameters())
     groups = [
         {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
         {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
+    if second_moments is not None:
+        return SampledVarianceAdamW(
+            groups, second_moments, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+        )
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
@@ -106,3 +120,48 @@ def apply_config(
     for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = cfg.lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
+class SampledVarianceAdamW(torch.optim.AdamW):
+    """AdamW whose second moment averages `second_moments(p)` instead of `p.grad ** 2` where the
+    source has an estimate (`parallel.compression.second_moment=factored`: the squared gradient as
+    it was before compression). The first moment still follows the gradient the optimizer is
+    given. Same update formula and state (`step`, `exp_avg`, `exp_avg_sq`) as torch's AdamW, so
+    checkpoints are interchangeable; plain for-each math on local shards of DTensor parameters."""
+
+    def __init__(self, params: Iterable, second_moments: SecondMoments, **kwargs: object) -> None:
+        super().__init__(params, **kwargs)
+        self.second_moments = second_moments
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                param, grad = _local(p), _local(p.grad)
+                exp_avg, exp_avg_sq = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                sample = self.second_moments(p)
+                if sample is None:  # e.g. during the compressor's warm-up: the gradient is exact
+                    sample = grad * grad
+                assert sample.shape == grad.shape, (
+                    f"second moment {tuple(sample.shape)} for {tuple(grad.shape)}"
+                )
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).add_(sample, alpha=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+                param.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1**step))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (elementwise math needs no communication), else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -116,7 +116,12 @@ class Trainer:
             cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches
         )
         self.optimizer = self.pm.wrap_optimizer(
-            build_optimizer(nn.ModuleList(self.pm.parts), cfg.optim, self.device.type)
+            build_optimizer(
+                nn.ModuleList(self.pm.parts),
+                cfg.optim,
+                self.device.type,
+                second_moments=self.pm.second_moment_source(),
+            )
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.progress = TrainProgress()

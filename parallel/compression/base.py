@@ -13,6 +13,12 @@ Conventions shared by every algorithm:
   rank, an all-gather of b bytes per rank puts (p-1) * b. `bytes_uncompressed` is the fp32
   all-reduce the caller would have done instead.
 - The first `warmup_steps` optimizer steps (counted by `step()`) are sent uncompressed.
+- `second_moment="factored"`: every compressed call also sums, over the group, the row and column
+  sums of each rank's squared local gradient (Adafactor's factored statistics: m + n values per
+  [m, n] matrix, in bf16) and keeps their rank-1 reconstruction in `second_moments[key]`, for
+  Adam's second moment instead of the square of the compressed sum (`trainer.optim`). A low-rank
+  or sparse sum has the wrong per-entry energy, and Adam divides by it: on tiny_cpu, PowerSGD r16
+  with int8 factors is +1.5% in validation loss with Adam's own v, -0.4% with these statistics.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class CompressionConfig:
 
     kind: str = "none"  # none | bf16 | powersgd | topk | sign | int8 | moe_selective
     warmup_steps: int = 0  # optimizer steps sent uncompressed first
+    second_moment: str = "compressed"  # Adam's v from: compressed (the synced sum) | factored (see base.py)
     rank: int = 4  # powersgd: rank of the approximation
     seed: int = 0  # powersgd: seed of the initial Q (identical on every rank)
     factor_bits: int = 32  # powersgd: 32 (fp32 all-reduce of P and Q) or 8 (two-phase int8)
@@ -70,8 +77,10 @@ class Compressor(ABC):
         if "kind" in cls.__dict__:
             COMPRESSORS[cls.kind] = cls
 
-    def __init__(self, warmup_steps: int = 0) -> None:
+    def __init__(self, warmup_steps: int = 0, second_moment: str = "compressed") -> None:
         self.warmup_steps = warmup_steps
+        self.factored_second_moment = second_moment == "factored"
+        self.second_moments: dict[str, torch.Tensor] = {}  # this step's, by key (factored only)
         self.steps_done = 0
         self.residuals: dict[str, torch.Tensor] = {}
         self.bytes_sent = 0  # this step, this rank
@@ -109,6 +118,8 @@ class Compressor(ABC):
         self.bytes_uncompressed += _all_reduce_bytes(x.numel() * 4, group_size(group))
         if not self.compressing:
             return self._all_reduce(x.clone(), group).to(flat.dtype)
+        if self.factored_second_moment:
+            self._sample_second_moments(x, group, segments)
         if self.error_feedback:
             x = x + self._residual(segments)
         sent, total = self._compressed_sum(x, group, segments)
@@ -121,6 +132,7 @@ class Compressor(ABC):
         counts (a metric), resets them, and advances the warm-up counter."""
         self.last_stats = {"comm_bytes": self.bytes_sent, "comm_bytes_uncompressed": self.bytes_uncompressed}
         self.bytes_sent = self.bytes_uncompressed = 0
+        self.second_moments.clear()
         self.steps_done += 1
         return self.last_stats
 
@@ -132,6 +144,30 @@ class Compressor(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this rank's contribution as the receivers decode it, the sum over `group`)
         for the flat fp32 `x` (gradient + residual). `x - sent` becomes the new residual."""
+
+    def _sample_second_moments(
+        self, g: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
+    ) -> None:
+        """`second_moments[key]` = the factored sum over ranks of each rank's squared local gradient
+        `g` (module docstring): one bf16 all-reduce of row and column sums; 1-D tensors whole."""
+        stats = []
+        for s, part in zip(segments, g.split([s.numel for s in segments])):
+            sq = part.square()
+            if len(s.shape) < 2:
+                stats.append(sq)
+            else:
+                sq_BMN = sq.view(-1, s.shape[-2], s.shape[-1])
+                stats += [sq_BMN.sum(2).reshape(-1), sq_BMN.sum(1).reshape(-1)]
+        summed = self._all_reduce(torch.cat(stats).bfloat16(), group).float()
+        parts = iter(summed.split([t.numel() for t in stats]))
+        for s in segments:
+            if len(s.shape) < 2:
+                self.second_moments[s.key] = next(parts).view(s.shape)
+                continue
+            rows_BM = next(parts).view(-1, s.shape[-2])
+            cols_BN = next(parts).view(-1, s.shape[-1])
+            total_B11 = rows_BM.sum(1).clamp(min=torch.finfo(torch.float32).tiny)[:, None, None]
+            self.second_moments[s.key] = (rows_BM[:, :, None] * cols_BN[:, None, :] / total_B11).view(s.shape)
 
     # ---- state ----------------------------------------------------------------------------------
 
@@ -200,7 +236,7 @@ def build_compressor(kind: str, **options: Any) -> Compressor:
     if kind not in COMPRESSORS:
         raise ValueError(f"parallel.compression.kind={kind!r}: expected one of {sorted(COMPRESSORS)}")
     cls = COMPRESSORS[kind]
-    accepted = ("warmup_steps", *cls.options)
+    accepted = ("warmup_steps", "second_moment", *cls.options)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"parallel.compression: {kind} takes {list(accepted)}, not {unknown}")
@@ -212,4 +248,5 @@ def compressor_from_config(cfg: CompressionConfig) -> Compressor:
     if cfg.kind not in COMPRESSORS:
         raise ValueError(f"parallel.compression.kind={cfg.kind!r}: expected one of {sorted(COMPRESSORS)}")
     cls = COMPRESSORS[cfg.kind]
-    return build_compressor(cfg.kind, **{name: getattr(cfg, name) for name in ("warmup_steps", *cls.options)})
+    names = ("warmup_steps", "second_moment", *cls.options)
+    return build_compressor(cfg.kind, **{name: getattr(cfg, name) for name in names})

@@ -36,12 +36,13 @@ class PowerSGDCompression(Compressor):
     def __init__(
         self,
         warmup_steps: int = 0,
+        second_moment: str = "compressed",
         rank: int = 4,
         seed: int = 0,
         factor_bits: int = 32,
         chunk_size: int = 1024,
     ) -> None:
-        super().__init__(warmup_steps)
+        super().__init__(warmup_steps, second_moment)
         self.rank = rank
         self.seed = seed
         self.factor_bits = factor_bits

@@ -82,8 +82,10 @@ class Int8Compression(Compressor):
     kind = "int8"
     options = ("chunk_size",)
 
-    def __init__(self, warmup_steps: int = 0, chunk_size: int = 1024) -> None:
-        super().__init__(warmup_steps)
+    def __init__(
+        self, warmup_steps: int = 0, second_moment: str = "compressed", chunk_size: int = 1024
+    ) -> None:
+        super().__init__(warmup_steps, second_moment)
         self.chunk_size = chunk_size
 
     def _compressed_sum(

@@ -23,8 +23,14 @@ class MoESelectiveCompression(Int8Compression):
     kind = "moe_selective"
     options = ("chunk_size", "threshold")
 
-    def __init__(self, warmup_steps: int = 0, chunk_size: int = 1024, threshold: float = 0.0) -> None:
-        super().__init__(warmup_steps, chunk_size)
+    def __init__(
+        self,
+        warmup_steps: int = 0,
+        second_moment: str = "compressed",
+        chunk_size: int = 1024,
+        threshold: float = 0.0,
+    ) -> None:
+        super().__init__(warmup_steps, second_moment, chunk_size)
         self.threshold = threshold
         self.last_synced_E: torch.Tensor | None = None  # which experts the last call synced
 

@@ -19,8 +19,10 @@ class TopKCompression(Compressor):
     kind = "topk"
     options = ("topk_ratio",)
 
-    def __init__(self, warmup_steps: int = 0, topk_ratio: float = 0.01) -> None:
-        super().__init__(warmup_steps)
+    def __init__(
+        self, warmup_steps: int = 0, second_moment: str = "compressed", topk_ratio: float = 0.01
+    ) -> None:
+        super().__init__(warmup_steps, second_moment)
         self.topk_ratio = topk_ratio
 
     def _compressed_sum(

@@ -50,6 +50,9 @@ CASES = {
         kind="powersgd", rank=4, warmup_steps=2
     ),  # top-k and PowerSGD: warm-up, as advised
     "powersgd_int8": CompressionConfig(kind="powersgd", rank=4, factor_bits=8, chunk_size=32, warmup_steps=2),
+    "powersgd_int8_factored": CompressionConfig(
+        kind="powersgd", rank=4, factor_bits=8, chunk_size=32, warmup_steps=2, second_moment="factored"
+    ),
     "topk": CompressionConfig(kind="topk", topk_ratio=0.05, warmup_steps=2),
     "sign": CompressionConfig(kind="sign"),
     "int8": CompressionConfig(kind="int8", chunk_size=256),
@@ -66,6 +69,7 @@ MAX_BYTES_RATIO = {
     "bf16": 0.5,
     "powersgd": 0.5,
     "powersgd_int8": 0.25,
+    "powersgd_int8_factored": 0.3,  # + the bf16 row and column sums of the squared gradients
     "topk": 0.2,
     "sign": 0.0625,
     "int8": 0.3,
@@ -105,7 +109,9 @@ def train(compression: CompressionConfig, steps: list[list[Batch]], optim: Optim
     pcfg = ParallelConfig(dp=DP, ep=EP, dp_engine="ddp", compression=compression)
     k = MICRO_BATCHES // DP
     pm = parallelize(model_config(0.0), pcfg, dims, meshes, torch.device("cpu"), SEED, k)
-    optimizer = build_optimizer(torch.nn.ModuleList(pm.parts), optim)
+    optimizer = build_optimizer(
+        torch.nn.ModuleList(pm.parts), optim, second_moments=pm.second_moment_source()
+    )
     losses, ratios = [], []
     for batches in steps:
         mine = [batches[i * DP + meshes.dp_rank] for i in range(k)]
@@ -147,5 +153,5 @@ def test_each_compressor_trains_and_sends_fewer_bytes(results, name):
     assert none_drop > 1.0, none["losses"]
     assert drop > 0.8 * none_drop, f"{name}: {got['losses']} vs none {none['losses']}"
     assert got["bytes_ratio"][-1] <= MAX_BYTES_RATIO[name], f"{name}: {got['bytes_ratio']}"  # after warm-up
-    if name == "powersgd_int8":  # int8 factors: well under the fp32 ones' bytes
+    if name.startswith("powersgd_int8"):  # int8 factors: well under the fp32 ones' bytes
         assert got["bytes_ratio"][-1] < 0.5 * results[0]["powersgd"]["bytes_ratio"][-1]

@@ -92,6 +92,25 @@ def test_powersgd_int8_factors_scale_each_column_on_its_own():
     assert torch.equal(sent[0], summed[0])  # one rank: what it sends is the sum
 
 
+def test_factored_second_moment_of_the_local_gradient():
+    """second_moment=factored: row and column sums of the squared gradient (before compression and
+    error feedback), rebuilt as their rank-1 product: exact for a rank-1 square, per expert for a
+    bank, whole for 1-D tensors; only while compressing, and cleared by step()."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(24, 1, generator=g), torch.randn(1, 16, generator=g)
+    bank_EDF = torch.randn(3, 1, 8, generator=g) * torch.randn(3, 6, 1, generator=g)  # rank 1 each
+    bias = torch.randn(16, generator=g)
+    comp = build_compressor("topk", warmup_steps=1, second_moment="factored", topk_ratio=0.1)
+    comp.all_reduce_sum(a @ b, None, "w")
+    assert comp.second_moments == {}  # warm-up: the sum is exact, Adam squares it itself
+    comp.step()
+    for key, grad in (("w", a @ b), ("experts.w1", bank_EDF), ("bias", bias)):
+        comp.all_reduce_sum(grad, None, key)
+        torch.testing.assert_close(comp.second_moments[key], grad**2, rtol=2**-7, atol=0)  # bf16 sums
+    comp.step()
+    assert comp.second_moments == {}
+
+
 def test_powersgd_compresses_each_expert_of_a_bank_on_its_own():
     """[E, d, f] expert weights: E independent rank-r problems, so each expert's rank-2 gradient
     is exact (one rank-2 factorisation of the [E, d*f] view could not be), and an expert with no

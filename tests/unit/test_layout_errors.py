@@ -77,6 +77,16 @@ BAD_LAYOUTS = [
     ),
     (
         2,
+        ["parallel.dp_engine=ddp", "parallel.compression.second_moment=exact"],
+        "parallel.compression.second_moment",
+    ),
+    (  # nothing to correct without a lossy compressor
+        2,
+        ["parallel.dp_engine=ddp", "parallel.compression.second_moment=factored"],
+        "parallel.compression.second_moment",
+    ),
+    (
+        2,
         ["parallel.dp_engine=ddp", "parallel.compression.warmup_steps=-1"],
         "parallel.compression.warmup_steps",
     ),

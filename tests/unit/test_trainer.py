@@ -109,6 +109,34 @@ def test_weight_decay_split_real_model() -> None:
     assert "output.weight" in decay and any("experts" in n for n in decay)
 
 
+def test_sampled_variance_adamw_is_adamw_when_fed_the_squared_gradient() -> None:
+    """Fed grad ** 2 (or nothing), the variant follows torch's AdamW; fed another estimate, only
+    the second moment changes."""
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    models = [Transformer(tiny_model_cfg()) for _ in range(3)]
+    for m in models:
+        m.init_weights(seed=0)
+    plain = build_optimizer(models[0], cfg)
+    fed_square = build_optimizer(models[1], cfg, second_moments=lambda p: None if p.dim() < 2 else p.grad**2)
+    fed_four_times = build_optimizer(models[2], cfg, second_moments=lambda p: 4 * p.grad**2)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for step in range(3):
+        for model, opt in zip(models, (plain, fed_square, fed_four_times)):
+            model(tokens, tokens).ce_sum.backward()
+            opt.step()
+            opt.zero_grad()
+        if step == 0:  # same gradients so far: only the second moment differs, 4x
+            state = fed_four_times.state[models[2].output.weight]
+            torch.testing.assert_close(
+                state["exp_avg_sq"], 4 * plain.state[models[0].output.weight]["exp_avg_sq"]
+            )
+            torch.testing.assert_close(state["exp_avg"], plain.state[models[0].output.weight]["exp_avg"])
+    # Same math as torch's for-each AdamW up to float reassociation (updates are ~1e-2).
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}  # checkpoints as torch's AdamW
+
+
 # -- token-normalised loss with gradient accumulation ------------------------------------------
 
 
