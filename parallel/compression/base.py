@@ -158,7 +158,7 @@ class Compressor(ABC):
             else:
                 sq_BMN = sq.view(-1, s.shape[-2], s.shape[-1])
                 stats += [sq_BMN.sum(2).reshape(-1), sq_BMN.sum(1).reshape(-1)]
-        summed = self._all_reduce(torch.cat(stats).bfloat16(), group).float()
+        summed = self._sum_in_rank_order(torch.cat(stats).bfloat16(), group).float()
         parts = iter(summed.split([t.numel() for t in stats]))
         for s in segments:
             if len(s.shape) < 2:
@@ -204,6 +204,17 @@ class Compressor(ABC):
         if p > 1:
             dist.all_reduce(t, group=group)
         return t
+
+    def _sum_in_rank_order(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        """SUM of flat `t` over `group` with the ring all-reduce's bytes, each entry summed in rank
+        order whatever its position in `t`: all-to-all of p shards, sum, all-gather. A ring
+        all-reduce adds each segment in another rank order, so an entry's rounding would depend on
+        the DDP bucket it lands in, which changes when DDP rebuilds its buckets (after the first
+        step, and after every restart): a restarted run would not continue bit for bit."""
+        p = group_size(group)
+        padded = torch.nn.functional.pad(t, (0, -t.numel() % p))
+        mine = self._all_to_all(padded, group).sum(0, dtype=torch.float32).to(t.dtype)
+        return self._all_gather(mine, group).view(-1)[: t.numel()]
 
     def _all_to_all(self, t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         """Rank j receives slice j of every rank's `t` (cut in p equal slices), stacked in rank

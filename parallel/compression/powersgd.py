@@ -98,31 +98,53 @@ class PowerSGDCompression(Compressor):
     def _sum(
         self, factors: list[torch.Tensor], dense: list[torch.Tensor], group: dist.ProcessGroup | None
     ) -> tuple[list[torch.Tensor], ...]:
-        """One collective for `factors` ([b, k, r] each) and flat `dense` tensors: (factors as the
-        receivers decode them, factors summed over `group`, the same two for `dense`).
+        """`factors` ([b, k, r] each) and flat `dense` tensors summed over `group`: (factors as the
+        receivers decode them, factors summed, the same two for `dense`).
 
         Factors travel column by column ([b, r, k]) so that an int8 scale never spans two columns:
         their magnitudes follow the singular values, and a scale set by the first column would
-        round the last ones away. At 8 bits a chunk is at most one column (32 entries or more)."""
+        round the last ones away. At 8 bits, columns of equal length k are summed together in
+        chunks of min(k, `chunk_size`) (at least 32): a tensor's rounding then depends on nothing
+        else in its DDP bucket, which DDP rebuilds after every restart."""
         columns = [f.mT.contiguous() for f in factors]
-        parts = [c.reshape(-1) for c in columns] + dense
-        if not parts:
-            return [], [], [], []
-        flat = torch.cat(parts)
+        flat_columns = [c.reshape(-1) for c in columns]
         if self.factor_bits == 8:
-            sizes = [c.shape[-1] for c in columns for _ in range(c.shape[0] * c.shape[1])]
-            chunk = max(32, min([self.chunk_size, *sizes]))
-            sent, summed = int8_sum(self, flat, group, sizes + [d.numel() for d in dense], chunk)
+            sent_f, summed_f = list(flat_columns), list(flat_columns)
+            by_length: dict[int, list[int]] = {}
+            for j, c in enumerate(columns):
+                by_length.setdefault(c.shape[-1], []).append(j)
+            for k, js in sorted(by_length.items()):
+                sent, summed = self._int8_sum_parts([flat_columns[j] for j in js], group, column=k)
+                for j, sent_j, summed_j in zip(js, sent, summed):
+                    sent_f[j], summed_f[j] = sent_j, summed_j
+            sent_d, summed_d = self._int8_sum_parts(dense, group, column=None)
+        elif flat_columns or dense:
+            parts = flat_columns + dense
+            summed = self._sum_in_rank_order(torch.cat(parts), group).split([t.numel() for t in parts])
+            sent_f, sent_d = flat_columns, dense
+            summed_f, summed_d = list(summed[: len(columns)]), list(summed[len(columns) :])
         else:
-            sent, summed = flat, self._all_reduce(flat.clone(), group)
-        numels = [part.numel() for part in parts]
+            return [], [], [], []
 
-        def unpack(buffer: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            split = buffer.split(numels)
-            return [s.view(c.shape).mT for s, c in zip(split, columns)], list(split[len(columns) :])
+        def as_factors(flat: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.view(c.shape).mT for t, c in zip(flat, columns)]
 
-        (sent_factors, sent_dense), (summed_factors, summed_dense) = unpack(sent), unpack(summed)
-        return sent_factors, summed_factors, sent_dense, summed_dense
+        return as_factors(sent_f), as_factors(summed_f), list(sent_d), list(summed_d)
+
+    def _int8_sum_parts(
+        self, parts: list[torch.Tensor], group: dist.ProcessGroup | None, column: int | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(sent, summed) per part, by one `int8_sum`: in chunks within each `column` entries, or
+        (column=None) of `chunk_size` within each part."""
+        if not parts:
+            return [], []
+        numels = [t.numel() for t in parts]
+        if column is None:
+            sizes, chunk = numels, self.chunk_size
+        else:
+            sizes, chunk = [column] * (sum(numels) // column), max(32, min(self.chunk_size, column))
+        sent, summed = int8_sum(self, torch.cat(parts), group, sizes, chunk)
+        return list(sent.split(numels)), list(summed.split(numels))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "q": {k: v.clone() for k, v in self.q.items()}}

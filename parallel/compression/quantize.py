@@ -109,22 +109,22 @@ def int8_sum(
        into p equal shards of whole chunks;
     2. all-to-all: rank j receives every rank's shard j, dequantizes and sums it in rank order;
     3. rank j requantizes its summed shard; all-gather; every rank dequantizes the same total.
-    Error feedback stays exact: `sent` is this rank's dequantized phase-1 payload plus, on the shard
-    it summed, the phase-2 rounding of that sum (what 1-bit Adam keeps as the "server" residual),
-    so the ranks' `sent` add up to the total and every rounding reaches some rank's residual."""
+    `sent` is this rank's dequantized phase-1 payload: its rounding stays in this rank's residual.
+    The phase-2 rounding of the sum (at most scale / 2 per entry, the summed chunk's scale) is not
+    fed back: only the owner of a shard knows it, and which rank owns an entry depends on where
+    it lies in the DDP bucket, which DDP rebuilds after a restart, so feeding it back (1-bit Adam's
+    "server" residual) would make a restarted run diverge from an uninterrupted one."""
     p = group_size(group)
     keep, padded = padded_positions(sizes, chunk_size)
     shard = -(-padded // (p * chunk_size)) * chunk_size
     q, scale_C = quantize_int8(x.new_zeros(p * shard).index_copy_(0, keep, x), chunk_size)
-    sent = dequantize_int8(q, scale_C, chunk_size)
+    sent = dequantize_int8(q, scale_C, chunk_size)[keep]
     if p == 1:
-        return sent[keep], sent[keep]
+        return sent, sent.clone()
     mine = dequantize_int8(comp._all_to_all(q, group), comp._all_to_all(scale_C, group), chunk_size).sum(0)
     q_mine, scale_mine = quantize_int8(mine, chunk_size)
-    rank = dist.get_rank(group)
-    sent[rank * shard : (rank + 1) * shard] += dequantize_int8(q_mine, scale_mine, chunk_size) - mine
     q_all, scale_all = comp._all_gather(q_mine, group), comp._all_gather(scale_mine, group)
-    return sent[keep], dequantize_int8(q_all, scale_all, chunk_size).view(-1)[keep]
+    return sent, dequantize_int8(q_all, scale_all, chunk_size).view(-1)[keep]
 
 
 def padded_positions(sizes: list[int], multiple: int) -> tuple[torch.Tensor, int]:

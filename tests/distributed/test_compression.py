@@ -69,11 +69,13 @@ def error_feedback(group: dist.ProcessGroup) -> dict:
     out = {}
     for name, (kind, options) in EF_CASES.items():
         comp = build_compressor(kind, **options)
-        total = torch.zeros(24, 16)
+        total, roundings = torch.zeros(24, 16), 0.0
         for step in range(4):
-            total += comp.all_reduce_sum_experts(grad(step, dist.get_rank()), group, "w")
+            step_total = comp.all_reduce_sum_experts(grad(step, dist.get_rank()), group, "w")
+            total += step_total
+            roundings += float(step_total.abs().max()) / 254  # int8's phase 2, per entry at most
             comp.step()
-        out[name] = {"total": total, "residual": comp.residuals["w"]}
+        out[name] = {"total": total, "residual": comp.residuals["w"], "phase2_bound": roundings}
     return out
 
 
@@ -223,14 +225,17 @@ def test_compressed_aggregates_within_stated_bounds(results):
 
 
 def test_error_feedback_carries_the_residual_across_steps(results):
-    """sum over steps of the aggregates + every rank's residual == sum of all true gradients."""
+    """sum over steps of the aggregates + every rank's residual == sum of all true gradients, up to
+    the rounding of int8's phase-2 sums (not fed back, so that restarts stay exact: quantize.py)."""
     true_sum = sum(grad(step, rank) for step in range(4) for rank in range(WORLD))
     for kind in EF_CASES:
         totals = [res["error_feedback"][kind]["total"] for res in results]
         assert torch.equal(totals[0], totals[1]), kind
         residuals = [res["error_feedback"][kind]["residual"] for res in results]
         assert all(r.abs().max() > 1e-3 for r in residuals), kind  # each rank carries its own
-        torch.testing.assert_close(totals[0] + sum(residuals), true_sum, rtol=0, atol=1e-4)
+        two_phase_int8 = kind in ("int8", "moe_selective", "powersgd_int8")
+        atol = results[0]["error_feedback"][kind]["phase2_bound"] * 1.0001 if two_phase_int8 else 1e-4
+        torch.testing.assert_close(totals[0] + sum(residuals), true_sum, rtol=0, atol=atol)
 
 
 def test_ddp_trains_with_each_compressor_over_several_buckets(results):

@@ -82,20 +82,35 @@ def test_kill_during_a_checkpoint_write_then_restart_is_bitwise_exact(
     assert_bitwise_equal(uninterrupted, restarted)
 
 
+COMPRESSED_RESTARTS = {
+    "topk": (["parallel.compression.kind=topk", "parallel.compression.topk_ratio=0.05"], 0.25),
+    # + PowerSGD's warm-start Q, int8 factors, and the optimizer fed factored second moments
+    "powersgd_int8_factored": (
+        [
+            "parallel.compression.kind=powersgd",
+            "parallel.compression.factor_bits=8",
+            "parallel.compression.second_moment=factored",
+        ],
+        0.5,
+    ),
+}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("setting", sorted(COMPRESSED_RESTARTS))
 def test_compressed_run_restarts_bitwise_exact_with_its_error_feedback(
-    tmp_path: Path, small_dataset: Path
+    tmp_path: Path, small_dataset: Path, setting: str
 ) -> None:
-    """top-k with error feedback over DDP (dp4, experts over ep2): each rank's unsent residual is
-    in its `compressor-rank<r>.pt`, so a run killed after a checkpoint and restarted continues
-    exactly; restarting the residuals from zero would change every later update."""
+    """A compressor with error feedback over DDP (dp4, experts over ep2): each rank's unsent
+    residual is in its `compressor-rank<r>.pt`, so a run killed after a checkpoint and restarted
+    continues exactly; restarting the residuals from zero would change every later update."""
+    options, max_ratio = COMPRESSED_RESTARTS[setting]
     compressed = [
         "parallel.pp=1",
         "parallel.ep=2",
         "parallel.dp_engine=ddp",
-        "parallel.compression.kind=topk",
-        "parallel.compression.topk_ratio=0.05",
         "parallel.compression.warmup_steps=1",
+        *options,
     ]
     runs = {}
     for name, faults in (("uninterrupted", ""), ("restarted", "kill@step=5,rank=1")):
@@ -114,4 +129,4 @@ def test_compressed_run_restarts_bitwise_exact_with_its_error_feedback(
         json.loads(line) for line in (tmp_path / "restarted" / "metrics.jsonl").read_text().splitlines()
     ]
     ratios = [r["comm_ratio"] for r in records if r["kind"] == "train"]
-    assert ratios[0] == 1.0 and 0 < ratios[-1] < 0.25  # warm-up uncompressed, then top-5%
+    assert ratios[0] == 1.0 and 0 < ratios[-1] < max_ratio  # warm-up uncompressed, then compressed
