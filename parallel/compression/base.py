@@ -17,8 +17,9 @@ Conventions shared by every algorithm:
   sums of each rank's squared local gradient (Adafactor's factored statistics: m + n values per
   [m, n] matrix, in bf16) and keeps their rank-1 reconstruction in `second_moments[key]`, for
   Adam's second moment instead of the square of the compressed sum (`trainer.optim`). A low-rank
-  or sparse sum has the wrong per-entry energy, and Adam divides by it: on tiny_cpu, PowerSGD r16
-  with int8 factors is +1.5% in validation loss with Adam's own v, -0.4% with these statistics.
+  or sparse sum has the wrong per-entry energy, and Adam divides by it (BENCHMARKS.md: PowerSGD
+  with int8 factors at ~5% of the bytes is +1.5% in validation loss with Adam's own v, within
+  0.3% with these statistics).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ class Compressor(ABC):
         self, g: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
     ) -> None:
         """`second_moments[key]` = the factored sum over ranks of each rank's squared local gradient
-        `g` (module docstring): one bf16 all-reduce of row and column sums; 1-D tensors whole."""
+        `g` (module docstring): row and column sums (1-D tensors whole), summed in bf16."""
         stats = []
         for s, part in zip(segments, g.split([s.numel for s in segments])):
             sq = part.square()
