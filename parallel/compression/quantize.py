@@ -91,12 +91,7 @@ class Int8Compression(Compressor):
     def _compressed_sum(
         self, x: torch.Tensor, group: dist.ProcessGroup | None, segments: list[Segment]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._int8_sum(x, group, [s.numel for s in segments])
-
-    def _int8_sum(
-        self, x: torch.Tensor, group: dist.ProcessGroup | None, sizes: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return int8_sum(self, x, group, sizes, self.chunk_size)
+        return int8_sum(self, x, group, [s.numel for s in segments], self.chunk_size)
 
 
 def int8_sum(

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from parallel.compression.base import Segment, group_size
 from parallel.compression.base import _all_reduce_bytes as all_reduce_bytes
-from parallel.compression.quantize import Int8Compression
+from parallel.compression.quantize import Int8Compression, int8_sum
 
 
 class MoESelectiveCompression(Int8Compression):
@@ -59,7 +59,8 @@ class MoESelectiveCompression(Int8Compression):
         sent_EK, total_EK = torch.zeros_like(x_EK), torch.zeros_like(x_EK)
         if bool(sync_E.any()):  # a host sync, as every skip decision must be
             synced_EK = x_EK[sync_E]
-            sent, total = self._int8_sum(synced_EK.reshape(-1), group, [x_EK.shape[1]] * len(synced_EK))
+            sizes = [x_EK.shape[1]] * len(synced_EK)
+            sent, total = int8_sum(self, synced_EK.reshape(-1), group, sizes, self.chunk_size)
             sent_EK[sync_E] = sent.view(-1, x_EK.shape[1])
             total_EK[sync_E] = total.view(-1, x_EK.shape[1])
         self.residuals[key] = (x_EK - sent_EK).view(grad_E.shape)
