@@ -1,13 +1,22 @@
-"""Turn text files into a tokenized dataset: a byte-level BPE tokenizer plus Parquet token shards.
+"""Turn text files into a tokenized dataset: a tokenizer plus Parquet token shards.
 
-Run:
+Run, training a byte-level BPE tokenizer (EOD token `<|eod|>`) on the train split:
     python -m data.prepare --input 'corpus/**/*.txt' [--input ...] --output DIR \
-        --vocab-size 4096 --val-fraction 0.02 --seed 0 [--tokenizer existing.json]
+        [--vocab-size 4096] [--val-fraction 0.02] [--seed 0]
+or with an existing tokenizer, e.g. that of a model imported from Hugging Face:
+    python -m data.prepare --input ... --output DIR --tokenizer HF_MODEL_DIR [--eod-token '</s>']
 
-Each input file is one document. Writes DIR/tokenizer.json, DIR/train/shard-00000.parquet ...,
-DIR/val/shard-00000.parquet ... (one row per document, column `tokens`: list<int32>, no EOD
-inside; readers insert it) and DIR/metadata.json. Everything is built in DIR.tmp-<pid> and
-renamed into place at the end, so a dataset dir that exists is a complete one.
+--tokenizer takes a tokenizers JSON file or a transformers tokenizer dir (tokenizer.json, optionally
+tokenizer_config.json / special_tokens_map.json); its EOS token ends documents unless --eod-token
+names another, and the vocab is the tokenizer's (no --vocab-size). See data/tokenizer.py.
+
+Each input file is one document. Writes DIR/tokenizer.json (and, from an existing tokenizer dir,
+its other files: tokenizer_config.json, ...), DIR/train/shard-00000.parquet ...,
+DIR/val/shard-00000.parquet ... (one row per document, column `tokens`: list<int32>, no EOD or
+other special token inside; readers insert the EOD) and DIR/metadata.json (vocab_size, eod_token,
+eod_id, tokenizer_files, splits, sources). Everything is built in DIR.tmp-<pid> and renamed into
+place at the end, so a dataset dir that exists is a complete one; a bad tokenizer or input is
+reported before anything is written.
 
 `ensure_default_corpus(cfg)` prepares the embedded default corpus (the running interpreter's
 standard library) into cfg.cache_dir once, safely when several ranks call it at the same time.
@@ -35,8 +44,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from data.config import DataConfig
 from data.dataset import FORMAT_VERSION
 from data.errors import DataError
+from data.tokenizer import EOD_TOKEN, copy_tokenizer_files, load_tokenizer, tokenizer_vocab_size
 
-EOD_TOKEN = "<|eod|>"
+DEFAULT_VOCAB_SIZE = DataConfig.tokenizer_vocab_size  # --vocab-size when neither it nor --tokenizer is given
 SHARD_TOKENS = 1 << 20  # ~4 MB of int32 per shard: a few shards for the default corpus
 ENCODE_BATCH = 256  # documents per encode_batch call: parallel, yet memory stays bounded
 # Left out of the default corpus to keep the quickstart fast (these are ~half the stdlib's source).
@@ -111,16 +121,6 @@ def train_tokenizer(files: Sequence[Path], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _load_tokenizer(path: Path) -> Tokenizer:
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception on a bad file
-        raise DataError(f"data: cannot load tokenizer {path} ({e}); pass a tokenizers JSON file") from None
-    if tok.token_to_id(EOD_TOKEN) is None:
-        tok.add_special_tokens([EOD_TOKEN])  # appended after the existing vocab
-    return tok
-
-
 def split_of(rel_path: str, seed: int, val_fraction: float) -> str:
     """'val' for about val_fraction of documents, decided by a hash so it never depends on order."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()[:8], "big")
@@ -177,14 +177,19 @@ def prepare(
     files: Sequence[Path],
     output: Path,
     *,
-    vocab_size: int,
+    vocab_size: int | None = None,
     val_fraction: float,
     seed: int,
     tokenizer: Path | None = None,
+    eod_token: str | None = None,
     inputs: Sequence[str] = (),
     shard_tokens: int = SHARD_TOKENS,
 ) -> dict:
-    """Tokenize `files` (one document each) into the dataset dir `output`; returns its metadata."""
+    """Tokenize `files` (one document each) into the dataset dir `output`; returns its metadata.
+
+    Trains a BPE tokenizer of `vocab_size` tokens unless `tokenizer` (a file or dir, see
+    data/tokenizer.py) is given; then `vocab_size` is ignored and `eod_token` overrides its EOS.
+    """
     output = Path(output)
     if not files:
         raise DataError(f"data: no input files for {output}; check the --input globs {list(inputs)}")
@@ -192,6 +197,11 @@ def prepare(
         raise DataError(f"data: output {output} already exists; delete it or choose another --output")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data: val_fraction must be in [0, 1), got {val_fraction}")
+    if tokenizer is None and not vocab_size:
+        raise DataError(
+            f"data: no vocab size for the tokenizer of {output}; pass --vocab-size or --tokenizer"
+        )
+    existing = load_tokenizer(tokenizer, eod_token) if tokenizer is not None else None
     files = sorted(Path(f).resolve() for f in files)
     root = Path(os.path.commonpath([f.parent for f in files]))
     rel = [f.relative_to(root).as_posix() for f in files]
@@ -205,9 +215,16 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        train_files = [f for f, s in zip(files, splits) if s == "train"]
-        tok = _load_tokenizer(tokenizer) if tokenizer else train_tokenizer(train_files, vocab_size)
-        tok.save(str(tmp / "tokenizer.json"))
+        if existing is not None:
+            tok, eod, eod_id = existing.tokenizer, existing.eod_token, existing.eod_id
+            tokenizer_files = copy_tokenizer_files(tokenizer, tmp)
+            if existing.converted:  # from a sentencepiece model: the tokenizer.json we read is ours
+                tok.save(str(tmp / "tokenizer.json"))
+                tokenizer_files.insert(0, "tokenizer.json")
+        else:
+            tok = train_tokenizer([f for f, s in zip(files, splits) if s == "train"], vocab_size)
+            tok.save(str(tmp / "tokenizer.json"))
+            tokenizer_files, eod, eod_id = ["tokenizer.json"], EOD_TOKEN, tok.token_to_id(EOD_TOKEN)
         writers = {s: _ShardWriter(tmp / s, shard_tokens) for s in ("train", "val")}
         for batch in _batches(list(zip(files, splits)), ENCODE_BATCH):
             encodings = tok.encode_batch([_read_text(f) for f, _ in batch], add_special_tokens=False)
@@ -217,9 +234,10 @@ def prepare(
             "format": "moeforge-tokens",
             "format_version": FORMAT_VERSION,
             "tokenizer": "tokenizer.json",
-            "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-            "eod_token": EOD_TOKEN,
-            "eod_id": tok.token_to_id(EOD_TOKEN),
+            "tokenizer_files": tokenizer_files,  # what an exported model ships (copy_tokenizer_files)
+            "vocab_size": tokenizer_vocab_size(tok),
+            "eod_token": eod,
+            "eod_id": eod_id,
             "splits": {s: w.close() for s, w in writers.items()},
             "sources": {
                 "inputs": list(inputs),
@@ -229,8 +247,9 @@ def prepare(
                 "val_fraction": val_fraction,
                 "split_seed": seed,
                 "tokenizer": str(tokenizer)
-                if tokenizer
+                if existing
                 else f"byte-level BPE trained on the train split, vocab {vocab_size}",
+                "eod_token_from": existing.eod_from if existing else "the trained tokenizer",
             },
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -247,11 +266,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--input", action="append", required=True, help="glob of text files (** recurses); repeatable"
     )
     p.add_argument("--output", required=True, type=Path, help="dataset dir to create (must not exist)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help=f"BPE vocab to train (default {DEFAULT_VOCAB_SIZE}); not with --tokenizer",
+    )
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0, help="salts the hash that assigns documents to train/val")
-    p.add_argument("--tokenizer", type=Path, help="use this tokenizers JSON instead of training one")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="use this tokenizer instead of training one: a tokenizers JSON file or a transformers tokenizer dir",
+    )
+    p.add_argument(
+        "--eod-token", help="with --tokenizer: the end-of-document token (default: the tokenizer's eos_token)"
+    )
     args = p.parse_args(argv)
+    if args.tokenizer is not None and args.vocab_size is not None:
+        p.error("--vocab-size cannot be used with --tokenizer: the vocab is the tokenizer's")
+    if args.tokenizer is None and args.eod_token is not None:
+        p.error("--eod-token needs --tokenizer: a trained tokenizer's end-of-document token is <|eod|>")
     files = sorted(
         {Path(f) for pattern in args.input for f in glob.glob(pattern, recursive=True) if Path(f).is_file()}
     )
@@ -259,10 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = prepare(
             files,
             args.output,
-            vocab_size=args.vocab_size,
+            vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
             val_fraction=args.val_fraction,
             seed=args.seed,
             tokenizer=args.tokenizer,
+            eod_token=args.eod_token,
             inputs=args.input,
         )
     except DataError as e:
