@@ -1,0 +1,75 @@
+"""The reference side of the interop tests: transformers' own model classes, built from their
+config classes at tiny sizes, with weights that give O(1) activations.
+
+transformers initialises with std 0.02, under which every projection is nearly zero and a
+swapped or transposed weight still lands inside the tolerance; here each matrix gets std
+1/sqrt(fan_in), norms 1 + noise, so a mapping bug moves the logits by O(1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.transformer import Transformer
+
+
+@torch.no_grad()
+def o1_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            base = 1.0 if "norm" in name and "bias" not in name else 0.0
+            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        elif "embed" in name:
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+        else:
+            # Fused / stacked expert banks: the input dim is the smaller of the last two for
+            # [E, 2F, D] (in = D, last) and [E, D, 2F] (in = D, second to last); plain Linear: last.
+            fan_in = p.shape[-1] if p.dim() == 2 or "down_proj" in name or "gate_up" in name else p.shape[-2]
+            if p.dim() == 3 and "gate_up" in name:
+                fan_in = min(p.shape[-1], p.shape[-2])
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / math.sqrt(fan_in))
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=b.dtype))
+    return model
+
+
+def hf_logits_and_experts(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of an HF causal LM, and the experts each MoE layer chose ([T, K] per layer, sorted)."""
+    chosen: list[torch.Tensor] = []
+
+    def grab(_module, args, kwargs):
+        index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
+        chosen.append(index.reshape(-1, index.shape[-1]).sort(dim=-1).values)
+
+    handles = [
+        m.register_forward_pre_hook(grab, with_kwargs=True)
+        for name, m in model.named_modules()
+        if name.endswith("mlp.experts") or name.endswith("block_sparse_moe.experts")
+    ]
+    try:
+        logits = model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, chosen
+
+
+def our_logits_and_experts(model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    chosen: list[torch.Tensor] = []
+    handles = [
+        moe.router.register_forward_hook(
+            lambda _m, _i, out: chosen.append(out.experts_TK.sort(dim=-1).values)
+        )
+        for moe in model.moe_layers()
+    ]
+    try:
+        logits = model.logits(model(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, chosen

@@ -1,0 +1,235 @@
+"""What a family adapter is, and the pieces most families share (Llama-style key names).
+
+An adapter is mostly a table: `config_from_hf` reads `config.json` strictly into a `ModelConfig`
+(refusing what moeforge cannot express), `config_to_hf` writes it back, and `links` lists where
+each HF tensor lives in our model (see `mapping.Link`). Architecture knobs live in `model/`;
+nothing here changes what a weight means except by the exact rules of a `Link`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from model.config import ModelConfig
+from trainer.checkpoint.hf.hf_config import HFConfig
+from trainer.checkpoint.hf.mapping import Link
+
+PER_EXPERT, FUSED = "per_expert", "fused"
+EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
+
+
+class Family:
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]  # the transformers class `from_pretrained` builds
+    native_layout: ClassVar[str] = PER_EXPERT  # the expert layout of the family's Hub checkpoints
+    dense: ClassVar[bool] = False  # a dense family: an upcycling source
+
+    def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
+        raise NotImplementedError
+
+    def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def links(self, cfg: ModelConfig, layout: str) -> list[Link]:
+        raise NotImplementedError
+
+
+# ---- config helpers -----------------------------------------------------------------------------
+
+
+def moe_layer_pattern(hf: HFConfig, moe_layers: set[int], num_layers: int, field: str) -> tuple[int, int]:
+    """(first_k_dense, moe_layer_freq) that make exactly `moe_layers` MoE, or a one-line refusal."""
+    for first_k in range(num_layers + 1):
+        for freq in range(1, num_layers + 1):
+            cfg = ModelConfig(num_layers=num_layers, first_k_dense=first_k, moe_layer_freq=freq)
+            if {i for i in range(num_layers) if cfg.is_moe_layer(i)} == moe_layers:
+                return first_k, freq
+    raise hf.error(
+        field,
+        f"makes layers {sorted(moe_layers)} MoE; moeforge expresses only 'the first k dense, then "
+        "every n-th layer MoE'; nothing was written",
+    )
+
+
+def aux_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int, notes: list[str]) -> float:
+    """HF pools one balancing loss over all layers with expert fractions summing to top_k; we add
+    one loss per MoE layer with fractions summing to 1. The same pressure per layer needs
+    coef_ours = coef_hf * top_k / num_moe_layers."""
+    ours = hf_coef * top_k / max(num_moe_layers, 1)
+    if hf_coef:
+        notes.append(
+            f"router_aux_loss_coef={hf_coef:g} -> model.moe.aux_loss_coef={ours:.6g} (transformers pools "
+            f"one loss over {num_moe_layers} MoE layers with fractions summing to top_k={top_k}; moeforge "
+            "adds one per layer, normalised to 1)"
+        )
+    return ours
+
+
+def aux_coef_to_hf(cfg: ModelConfig) -> float:
+    num_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    return cfg.moe.aux_loss_coef * num_moe / cfg.moe.top_k
+
+
+def common_config(hf: HFConfig, default_theta: float) -> dict[str, Any]:
+    """The fields every Llama-style family shares, as ModelConfig keyword arguments."""
+    hf.expect("hidden_act", ("silu",), "experts and MLPs are SwiGLU")
+    hf.expect("attention_dropout", (0, 0.0), "moeforge has no attention dropout")
+    hf.expect("mlp_bias", (False,), "linear layers have no bias")
+    theta, partial = hf.rope(default_theta)
+    kwargs = dict(
+        vocab_size=hf.get_int("vocab_size"),
+        dim=hf.get_int("hidden_size"),
+        num_layers=hf.get_int("num_hidden_layers"),
+        num_heads=hf.get_int("num_attention_heads"),
+        num_kv_heads=hf.get_int("num_key_value_heads", hf.get("num_attention_heads")),
+        head_dim=hf.get_int("head_dim", 0),
+        max_seq_len=hf.get_int("max_position_embeddings"),
+        rope_theta=theta,
+        norm_eps=float(hf.get("rms_norm_eps")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if partial != 1.0:
+        kwargs["partial_rotary_factor"] = partial
+    return kwargs
+
+
+def common_config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+    return {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.resolved_head_dim,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_parameters": rope,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+    }
+
+
+# ---- link helpers (our key names are model/'s; HF names are Llama-style) -----------------------
+
+
+def rope_halves_perm(rotary_dim: int) -> tuple[int, ...]:
+    """Interleaved rotary pairs (x0, y0, x1, y1, ...) -> our halves (x0, x1, ..., y0, y1, ...):
+    our row i is HF row perm[i]. Applied to q and k alike, attention scores are unchanged."""
+    return tuple(range(0, rotary_dim, 2)) + tuple(range(1, rotary_dim, 2))
+
+
+def embedding_links(cfg: ModelConfig) -> list[Link]:
+    v, d = cfg.vocab_size, cfg.dim
+    links = [
+        Link("tok_embeddings.weight", "model.embed_tokens.weight", (v, d)),
+        Link("norm.weight", "model.norm.weight", (d,)),
+    ]
+    if not cfg.tie_embeddings:
+        links.append(Link("output.weight", "lm_head.weight", (v, d)))
+    return links
+
+
+def block_norm_links(
+    cfg: ModelConfig, i: int, attn: str = "input_layernorm", ffn: str = "post_attention_layernorm"
+):
+    d = cfg.dim
+    return [
+        Link(f"layers.{i}.attention_norm.weight", f"model.layers.{i}.{attn}.weight", (d,)),
+        Link(f"layers.{i}.ffn_norm.weight", f"model.layers.{i}.{ffn}.weight", (d,)),
+    ]
+
+
+def gqa_links(cfg: ModelConfig, i: int, interleaved_rope: bool = False) -> list[Link]:
+    """q/k/v/o projections (+ qkv biases, + q/k norms). With `interleaved_rope` (the checkpoint
+    rotates adjacent pairs, as complex-number RoPE does) each head's rows are permuted."""
+    d, hd = cfg.dim, cfg.resolved_head_dim
+    hq, hkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    ours, hf = f"layers.{i}.attention", f"model.layers.{i}.self_attn"
+    links = []
+    for name, proj, rows in (("wq", "q_proj", hq), ("wk", "k_proj", hkv)):
+        if interleaved_rope:
+            perm = rope_halves_perm(hd)
+            for h in range(rows // hd):
+                block = (slice(h * hd, (h + 1) * hd),)
+                links.append(
+                    Link(f"{ours}.{name}.weight", f"{hf}.{proj}.weight", (rows, d), block, block, perm=perm)
+                )
+        else:
+            links.append(Link(f"{ours}.{name}.weight", f"{hf}.{proj}.weight", (rows, d)))
+    links += [
+        Link(f"{ours}.wv.weight", f"{hf}.v_proj.weight", (hkv, d)),
+        Link(f"{ours}.wo.weight", f"{hf}.o_proj.weight", (d, hq)),
+    ]
+    if getattr(cfg, "qkv_bias", False):
+        for name, proj, rows in (("wq", "q_proj", hq), ("wk", "k_proj", hkv), ("wv", "v_proj", hkv)):
+            links.append(Link(f"{ours}.{name}.bias", f"{hf}.{proj}.bias", (rows,)))
+    if cfg.qk_norm:
+        per_projection = getattr(cfg, "qk_norm_scope", "head") == "projection"
+        q_size, k_size = (hq, hkv) if per_projection else (hd, hd)
+        links += [
+            Link(f"{ours}.q_norm.weight", f"{hf}.q_norm.weight", (q_size,)),
+            Link(f"{ours}.k_norm.weight", f"{hf}.k_norm.weight", (k_size,)),
+        ]
+    return links
+
+
+def swiglu_links(ours: str, hf: str, dim: int, hidden: int, names=("gate_proj", "up_proj", "down_proj")):
+    """A dense SwiGLU (our w1/w3/w2 are nn.Linear, the same [out, in] orientation as HF)."""
+    gate, up, down = names
+    return [
+        Link(f"{ours}.w1.weight", f"{hf}.{gate}.weight", (hidden, dim)),
+        Link(f"{ours}.w3.weight", f"{hf}.{up}.weight", (hidden, dim)),
+        Link(f"{ours}.w2.weight", f"{hf}.{down}.weight", (dim, hidden)),
+    ]
+
+
+def expert_links(
+    cfg: ModelConfig,
+    i: int,
+    hf: str,
+    layout: str,
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    fused_in_out: bool = False,
+) -> list[Link]:
+    """Routed experts: our banks w1/w3 [E, D, F], w2 [E, F, D].
+    per_expert: `{hf}.{e}.{gate}.weight` [F, D] etc. (nn.Linear orientation: transposed).
+    fused: `{hf}.gate_up_proj` [E, 2F, D] (gate rows first) and `{hf}.down_proj` [E, D, F];
+    with `fused_in_out` (Llama 4) [E, D, 2F] and [E, F, D], our own orientation."""
+    E, d, f = cfg.moe.num_experts, cfg.dim, cfg.moe.moe_ffn_hidden
+    ours = f"layers.{i}.moe.experts"
+    gate, up, down = names
+    if layout == PER_EXPERT:
+        links = []
+        for e in range(E):
+            links += [
+                Link(f"{ours}.w1", f"{hf}.{e}.{gate}.weight", (f, d), (e,), transpose=True),
+                Link(f"{ours}.w3", f"{hf}.{e}.{up}.weight", (f, d), (e,), transpose=True),
+                Link(f"{ours}.w2", f"{hf}.{e}.{down}.weight", (d, f), (e,), transpose=True),
+            ]
+        return links
+    all_e = slice(None)
+    if fused_in_out:
+        return [
+            Link(f"{ours}.w1", f"{hf}.gate_up_proj", (E, d, 2 * f), hf_index=(all_e, all_e, slice(0, f))),
+            Link(f"{ours}.w3", f"{hf}.gate_up_proj", (E, d, 2 * f), hf_index=(all_e, all_e, slice(f, 2 * f))),
+            Link(f"{ours}.w2", f"{hf}.down_proj", (E, f, d)),
+        ]
+    return [
+        Link(
+            f"{ours}.w1", f"{hf}.gate_up_proj", (E, 2 * f, d), hf_index=(all_e, slice(0, f)), transpose=True
+        ),
+        Link(
+            f"{ours}.w3",
+            f"{hf}.gate_up_proj",
+            (E, 2 * f, d),
+            hf_index=(all_e, slice(f, 2 * f)),
+            transpose=True,
+        ),
+        Link(f"{ours}.w2", f"{hf}.down_proj", (E, d, f), transpose=True),
+    ]
