@@ -25,12 +25,13 @@ read off the model code (bytes; `a` = activation element size, tp_sp = tp with s
 parallelism else 1, h = head_dim, R = routed experts per token (top_k)):
   each RMSNorm (2 per layer)     4D/tp_sp (fp32 input) + 4D/tp_sp (fp32 normalised) + a*D (output)
   GQA attention                  a*(3*H*h + 2*Kv*h)/tp (q, k, v, out, wo's input) + 4*H/tp (lse)
+                                 (+ a*H*h/tp: the output gate's sigmoid)
   MLA attention                  a*(q_lora + kv_lora + rope) + 8*(q_lora + kv_lora) (low-rank and
                                  their norms) + a*H*(2*(nope+rope) + 3*v)/tp + 4*H/tp
   router                         8E (fp32 logits, probs) + 16R (ids, weights)
   routed experts, per copy       a*(D + 4F + D) + 12 (input, w1 out, silu, w3 out, product,
                                  output before weighting; gather index, weight)
-  shared experts / dense FFN     4a*F/tp
+  shared experts / dense FFN     4a*F/tp (+ a*(D + 1): the shared-expert gate's operands)
   output head (last stage)       final norm + 4V (fp32 log-softmax) + 8V transient at the start
                                  of backward (gradients of the log-softmax output and input)
 MoE layers see the whole sequence on every tp rank (the routed part is replicated over tp), so
@@ -82,7 +83,9 @@ class LayerSplit:
 
 def _attention_split(cfg: ModelConfig, tp: int, attention: int) -> int:
     if cfg.attention != "mla":
-        return attention // tp + (2 * cfg.resolved_head_dim if cfg.qk_norm else 0) * (tp - 1) // tp
+        # Per-head q/k norms are replicated (projection-wide ones need tp=1: trainer/layout.py).
+        head_norms = 2 * cfg.resolved_head_dim if cfg.qk_norm and cfg.qk_norm_scope == "head" else 0
+        return attention // tp + head_norms * (tp - 1) // tp
     m, d = cfg.mla, cfg.dim
     replicated = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
     if m.q_lora_rank > 0:
@@ -93,7 +96,10 @@ def _attention_split(cfg: ModelConfig, tp: int, attention: int) -> int:
 def layer_split(cfg: ModelConfig, layer_idx: int, tp: int, ep: int, mtp: bool = False) -> LayerSplit:
     p = mtp_params(cfg) if mtp else layer_params(cfg, layer_idx)
     moe = cfg.is_moe_layer(cfg.num_layers - 1 if mtp else layer_idx)
+    # The router and the shared-expert gate are replicated over tp; the shared experts are split.
     router = cfg.moe.num_experts * cfg.dim if moe else 0
+    if moe and cfg.moe.num_shared_experts > 0 and cfg.moe.shared_expert_gate:
+        router += cfg.dim
     dense = p.norms + _attention_split(cfg, tp, p.attention) + router + (p.mlp - router) // tp
     if mtp:  # enorm/hnorm/norm replicated, proj [D, 2D] split over tp
         dense -= 2 * cfg.dim * cfg.dim * (tp - 1) // tp
@@ -113,6 +119,8 @@ def _per_token_layer_bytes(cfg: ModelConfig, moe: bool, a: int, tp: int, tp_sp: 
     else:
         h = cfg.resolved_head_dim
         attention = a * (3 * cfg.num_heads * h + 2 * cfg.num_kv_heads * h) / tp + 4 * cfg.num_heads / tp
+        if cfg.attention_output_gate:
+            attention += a * cfg.num_heads * h / tp  # sigmoid(gate), saved for the gated product
     if moe:
         mc = cfg.moe
         shared = (
@@ -120,8 +128,13 @@ def _per_token_layer_bytes(cfg: ModelConfig, moe: bool, a: int, tp: int, tp_sp: 
             if mc.num_shared_experts
             else 0
         )
+        gate = a * (d + 1) if mc.num_shared_experts and mc.shared_expert_gate else 0
         ffn = (
-            8 * mc.num_experts + 16 * r + r * (a * (2 * d + 4 * mc.moe_ffn_hidden) + 12) + 4 * a * shared / tp
+            8 * mc.num_experts
+            + 16 * r
+            + r * (a * (2 * d + 4 * mc.moe_ffn_hidden) + 12)
+            + 4 * a * shared / tp
+            + gate
         )
     else:
         ffn = 4 * a * cfg.ffn_hidden / tp

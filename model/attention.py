@@ -20,26 +20,38 @@ from model.layers import RMSNorm, apply_rope
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.resolved_head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.num_heads * self.head_dim, cfg.dim, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-
-    @property
-    def rotary_dim(self) -> int:
-        return self.head_dim
+        hd = self.head_dim = cfg.resolved_head_dim
+        self.output_gate = cfg.attention_output_gate
+        q_out = cfg.num_heads * hd * (2 if self.output_gate else 1)  # + a gate per head
+        self.wq = nn.Linear(cfg.dim, q_out, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
+        self.norm_over_heads = cfg.qk_norm_scope == "projection"
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            widths = (cfg.num_heads * hd, cfg.num_kv_heads * hd) if self.norm_over_heads else (hd, hd)
+            self.q_norm, self.k_norm = (RMSNorm(w, cfg.norm_eps, cfg.norm_zero_centered) for w in widths)
+        self.rotary_dim = cfg.rotary_dim
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BSHE = self.wq(x_BSD).view(B, S, -1, self.head_dim)
-        k_BSKE = self.wk(x_BSD).view(B, S, -1, self.head_dim)
-        v_BSKE = self.wv(x_BSD).view(B, S, -1, self.head_dim)
-        if self.q_norm is not None:
+        hd = self.head_dim
+        gate_BSHE = None
+        if self.output_gate:
+            # Per head [query_h, gate_h] (Qwen3-Next): column-parallel wq still splits whole heads.
+            q_BSHE, gate_BSHE = self.wq(x_BSD).view(B, S, -1, 2 * hd).chunk(2, dim=-1)
+        else:
+            q_BSHE = self.wq(x_BSD).view(B, S, -1, hd)
+        k_BSKE = self.wk(x_BSD).view(B, S, -1, hd)
+        v_BSKE = self.wv(x_BSD).view(B, S, -1, hd)
+        if self.q_norm is not None and self.norm_over_heads:
+            # OLMoE: one norm over the whole projection (all heads), as before the split into heads.
+            q_BSHE = self.q_norm(q_BSHE.flatten(2)).view_as(q_BSHE)
+            k_BSKE = self.k_norm(k_BSKE.flatten(2)).view_as(k_BSKE)
+        elif self.q_norm is not None:
             q_BSHE, k_BSKE = self.q_norm(q_BSHE), self.k_norm(k_BSKE)
-        q_BSHE, k_BSKE = apply_rope(q_BSHE, cos, sin), apply_rope(k_BSKE, cos, sin)
+        q_BSHE, k_BSKE = self._rope(q_BSHE, cos, sin), self._rope(k_BSKE, cos, sin)
         out_BHSE = F.scaled_dot_product_attention(
             q_BSHE.transpose(1, 2),
             k_BSKE.transpose(1, 2),
@@ -47,7 +59,17 @@ class GroupedQueryAttention(nn.Module):
             is_causal=True,
             enable_gqa=q_BSHE.shape[2] != k_BSKE.shape[2],
         )
-        return self.wo(out_BHSE.transpose(1, 2).reshape(B, S, -1))
+        out_BSHE = out_BHSE.transpose(1, 2)
+        if gate_BSHE is not None:
+            out_BSHE = out_BSHE * torch.sigmoid(gate_BSHE)
+        return self.wo(out_BSHE.reshape(B, S, -1))
+
+    def _rope(self, x_BSHE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        r = self.rotary_dim
+        if r == self.head_dim:
+            return apply_rope(x_BSHE, cos, sin)
+        # Partial rotary (Qwen3-Next): only the first r dims of each head rotate.
+        return torch.cat([apply_rope(x_BSHE[..., :r], cos, sin), x_BSHE[..., r:]], dim=-1)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -62,13 +84,13 @@ class MultiHeadLatentAttention(nn.Module):
         qk_head_dim = self.nope_dim + self.rope_dim
         if mla.q_lora_rank > 0:
             self.wq_a = nn.Linear(cfg.dim, mla.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(mla.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(mla.q_lora_rank, cfg.norm_eps, cfg.norm_zero_centered)
             self.wq_b = nn.Linear(mla.q_lora_rank, heads * qk_head_dim, bias=False)
             self.wq = None
         else:
             self.wq = nn.Linear(cfg.dim, heads * qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(cfg.dim, mla.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_norm = RMSNorm(mla.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(mla.kv_lora_rank, cfg.norm_eps, cfg.norm_zero_centered)
         self.wkv_b = nn.Linear(mla.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(heads * self.v_dim, cfg.dim, bias=False)
 

@@ -40,6 +40,11 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3)
     bias_update_rate: float = 1e-3
+    # Shared experts' output scaled per token by sigmoid(Linear(dim, 1)(x)) (Qwen2-MoE, Qwen3-Next).
+    shared_expert_gate: bool = False
+    # Scale each routed copy by its weight *before* its expert and sum the outputs unweighted
+    # (Llama 4); default: weight the expert outputs.
+    weights_on_input: bool = False
 
 
 @dataclass
@@ -56,7 +61,19 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     attention: str = "gqa"  # gqa | mla
-    qk_norm: bool = False  # RMSNorm on each query/key head (Qwen3)
+    qk_norm: bool = False  # RMSNorm on the queries and keys (GQA)
+    # head: over each head's head_dim (Qwen3) | projection: over the whole q and the whole k
+    # projection, before the split into heads (OLMoE; needs tp=1)
+    qk_norm_scope: str = "head"
+    qkv_bias: bool = False  # biases on wq/wk/wv, never on wo (Qwen2-MoE); GQA
+    # Qwen3-Next's gated attention: wq also yields a gate per head, laid out per head as
+    # [query_h, gate_h]; the attention output (before wo) is multiplied by sigmoid(gate). GQA.
+    attention_output_gate: bool = False
+    # RoPE on the first int(head_dim * factor) dims of each q/k head, the rest pass through
+    # (Qwen3-Next: 0.25). GQA; MLA has its own qk_rope_head_dim.
+    partial_rotary_factor: float = 1.0
+    # Every RMSNorm scales by (1 + weight), weight initialised to 0 (Qwen3-Next)
+    norm_zero_centered: bool = False
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     first_k_dense: int = 0  # the first k layers use a dense MLP (DeepSeek-V3: 3)
@@ -72,6 +89,13 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.dim // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each query/key head that RoPE rotates (the size of the rope tables)."""
+        if self.attention == "mla":
+            return self.mla.qk_rope_head_dim
+        return int(self.resolved_head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense and (layer_idx + 1) % self.moe_layer_freq == 0

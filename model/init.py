@@ -33,5 +33,8 @@ def init_std(name: str, cfg: ModelConfig) -> float:
 def initial_value(name: str, shape: torch.Size, seed: int, cfg: ModelConfig) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `name`, on CPU in fp32."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        # Zero-centered norms (Qwen3-Next) scale by 1 + weight: both start as the identity.
+        return torch.zeros(shape) if cfg.norm_zero_centered else torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)  # q/k/v biases (`qkv_bias`), as in Qwen2's init
     return torch.empty(shape).normal_(0.0, init_std(name, cfg), generator=param_generator(seed, name))

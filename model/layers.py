@@ -11,15 +11,22 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    """`normed * weight` (weight starts at 1), or with `zero_centered` (Qwen3-Next's RMSNorm)
+    `normed * (1 + weight)` (weight starts at 0: model/init.py)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: bf16 mean-of-squares loses too much precision.
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            # 1 + weight in fp32, as Qwen3-Next does: in bf16 a small weight would round away.
+            return (normed * (1.0 + self.weight.float())).type_as(x)
         return normed.type_as(x) * self.weight
 
 

@@ -8,7 +8,7 @@ total here exactly.
 Conventions (they match how Mistral, Qwen, DeepSeek and Meta report their models):
 - Everything that is an `nn.Parameter` counts: the input embedding, the output head (unless
   tied, then once), every RMSNorm weight, the router weight. Buffers (RoPE tables, the router's
-  expert bias for aux-loss-free balancing) do not. There are no biases.
+  expert bias for aux-loss-free balancing) do not. Biases count (only `qkv_bias` has any).
 - Active = the parameters one token touches: all of them except the routed experts it is not
   sent to. Per MoE layer only `top_k` of `num_experts` routed experts count; the router and the
   shared experts always do. By default the input embedding table counts whole, although a token
@@ -18,6 +18,10 @@ Conventions (they match how Mistral, Qwen, DeepSeek and Meta report their models
 - Multi-token-prediction modules are left out unless `include_mtp=True`: DeepSeek-V3's "671B
   total / 37B active" excludes its MTP module (the checkpoint's 685B includes it). The MTP
   modules share the embedding and the output head, so they add no embedding parameters here.
+- The architecture knobs count where they live: q/k/v biases (`qkv_bias`) and the gated
+  attention's doubled `wq` (`attention_output_gate`) in attention, the projection-wide q/k norms
+  (`qk_norm_scope=projection`) at their width, the shared-expert gate (D weights) with the shared
+  experts, which are always active.
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def attention_params(cfg: ModelConfig) -> int:
         return q + kv + cfg.num_heads * m.v_head_dim * d
     hd = cfg.resolved_head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    qk_norm = 2 * hd if cfg.qk_norm else 0
-    return d * q_out + 2 * d * kv_out + q_out * d + qk_norm
+    wq_out = 2 * q_out if cfg.attention_output_gate else q_out  # + one gate per query dim
+    bias = wq_out + 2 * kv_out if cfg.qkv_bias else 0
+    qk_norm = 0
+    if cfg.qk_norm:
+        qk_norm = q_out + kv_out if cfg.qk_norm_scope == "projection" else 2 * hd
+    return d * wq_out + 2 * d * kv_out + q_out * d + bias + qk_norm
 
 
 def layer_params(cfg: ModelConfig, layer_idx: int) -> LayerParams:
@@ -77,6 +85,8 @@ def layer_params(cfg: ModelConfig, layer_idx: int) -> LayerParams:
     router = moe.num_experts * d
     shared_hidden = moe.shared_ffn_hidden or moe.num_shared_experts * moe.moe_ffn_hidden
     shared = _swiglu(d, shared_hidden) if moe.num_shared_experts > 0 else 0
+    if moe.num_shared_experts > 0 and moe.shared_expert_gate:
+        shared += d  # Linear(D, 1)
     expert = _swiglu(d, moe.moe_ffn_hidden)
     return LayerParams(norms, attn, router + shared, moe.num_experts * expert, moe.top_k * expert)
 

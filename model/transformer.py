@@ -40,9 +40,9 @@ def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torc
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
         self.attention = build_attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
         if cfg.is_moe_layer(layer_idx):
             self.moe = MoE(cfg)
         else:
@@ -60,11 +60,11 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
         self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = TransformerBlock(cfg, cfg.num_layers - 1)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
 
     def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         x_BSD = self.proj(torch.cat([self.hnorm(h_BSD), self.enorm(emb_BSD)], dim=-1))
@@ -78,12 +78,11 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
-        rotary_dim = cfg.mla.qk_rope_head_dim if cfg.attention == "mla" else cfg.resolved_head_dim
-        self.rotary_dim = rotary_dim
-        cos, sin = rope_tables(rotary_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary_dim = cfg.rotary_dim  # MLA's rope head dim, or GQA's head_dim * partial factor
+        cos, sin = rope_tables(self.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -14,7 +14,10 @@ The plan, per module (SP = sequence parallel; "seq" below is Shard(1) with SP, e
   reads head counts from the tensors, so it runs on the local heads unchanged.
   GQA `q_norm`/`k_norm` (one weight over head_dim, shared by all heads) become Replicate
   DTensors treating the head dim as the sharded one: each rank sees only its heads, so their
-  gradient is a partial sum that DTensor all-reduces.
+  gradient is a partial sum that DTensor all-reduces. A norm over the whole projection
+  (`qk_norm_scope=projection`) would need a reduction over ranks: tp > 1 rejects it. q/k/v
+  biases (`qkv_bias`) are sharded with their columns. With `attention_output_gate`, `wq`'s
+  output is laid out per head as [query_h, gate_h], so its column shards are still whole heads.
   MLA's low-rank `wq_a`/`q_norm`/`wkv_a`/`kv_norm` stay plain and run replicated on every rank.
   The rotary key slice of `wkv_a`'s output is shared by all heads and each rank back-propagates
   only through its own heads, so its gradient is all-reduced by a hook (Megatron's "copy to
@@ -34,7 +37,9 @@ The plan, per module (SP = sequence parallel; "seq" below is Shard(1) with SP, e
   chunk, then all-reduce router/expert gradients over tp) would also change the micro-batch
   balancing loss, which is computed from the tokens a layer sees. Shared experts are an
   ordinary SwiGLU: column/row-parallel with a replicated (all-reduced) output, added to the
-  routed output.
+  routed output. Their gate (`shared_expert_gate`, Linear(D, 1)) stays a plain replicated
+  module like the router: it reads the same full-sequence plain input and scales the replicated
+  shared output, so its gradient comes out complete and identical on every tp rank.
 - norms (`attention_norm`, `ffn_norm`, final `norm`): SequenceParallel under SP (weights become
   Replicate DTensors, their gradients are all-reduced over tp); plain replicated otherwise.
 - `output`: column-parallel over the vocab, input all-gathered over the sequence (SP), logits

@@ -141,6 +141,13 @@ def _check_combinations(cfg: JobConfig) -> None:
             f"is not supported with parallel.pp={p.pp} / tp={p.tp}",
             "set model.tie_embeddings=false",
         )
+    if p.tp > 1 and m.attention == "gqa" and m.qk_norm and m.qk_norm_scope == "projection":
+        raise bad_value(
+            "model.qk_norm_scope",
+            m.qk_norm_scope,
+            f"normalises over all heads, which parallel.tp={p.tp} splits over ranks",
+            "use parallel.tp=1 or model.qk_norm_scope=head",
+        )
     if p.dp_engine == "ddp" and (p.pp > 1 or p.tp > 1):
         raise bad_value(
             "parallel.dp_engine",

@@ -21,6 +21,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 ATTENTIONS = ("gqa", "mla")
+QK_NORM_SCOPES = ("head", "projection")
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw",)
 # DeepSpeed's 1-bit Adam, 0/1 Adam and 1-bit LAMB (its config names, and ours with "_"): gone
@@ -85,15 +86,44 @@ def _check_model(cfg: JobConfig) -> None:
                 "must be even (RoPE rotates pairs)",
                 "use an even size",
             )
-    elif m.resolved_head_dim % 2:
+    elif m.partial_rotary_factor == 1.0 and m.resolved_head_dim % 2:
         raise bad_value(
             "model.head_dim",
             m.resolved_head_dim,
             "must be even (RoPE rotates pairs)",
             "use an even head size",
         )
+    _check_attention_options(cfg)
     if any(m.is_moe_layer(i) for i in range(m.num_layers)):
         _check_moe(cfg)
+
+
+def _check_attention_options(cfg: JobConfig) -> None:
+    """The attention options of released models (model/attention.py), all GQA-only; tp > 1 with a
+    projection-wide q/k norm is rejected in trainer/layout.py."""
+    m = cfg.model
+    one_of("model.qk_norm_scope", m.qk_norm_scope, QK_NORM_SCOPES)
+    if m.attention == "mla":
+        for name in ("qkv_bias", "attention_output_gate"):
+            if getattr(m, name):
+                raise bad_value(f"model.{name}", True, "is for attention=gqa only", f"set model.{name}=false")
+        if m.partial_rotary_factor != 1.0:
+            raise bad_value(
+                "model.partial_rotary_factor",
+                m.partial_rotary_factor,
+                "is for attention=gqa only (MLA rotates model.mla.qk_rope_head_dim dims)",
+                "set model.partial_rotary_factor=1.0",
+            )
+        return
+    fraction("model.partial_rotary_factor", m.partial_rotary_factor, low_open=True)
+    if m.rotary_dim == 0 or m.rotary_dim % 2:
+        raise bad_value(
+            "model.partial_rotary_factor",
+            m.partial_rotary_factor,
+            f"gives int(head_dim={m.resolved_head_dim} * factor) = {m.rotary_dim} rotary dims, which "
+            "must be even and > 0 (RoPE rotates pairs)",
+            "pick a factor that gives an even number of dims",
+        )
 
 
 def _check_moe(cfg: JobConfig) -> None:
@@ -118,6 +148,13 @@ def _check_moe(cfg: JobConfig) -> None:
     one_of("model.moe.score_func", e.score_func, SCORE_FUNCS)
     one_of("model.moe.drop_policy", e.drop_policy, DROP_POLICIES)
     one_of("model.moe.aux_loss_scope", e.aux_loss_scope, AUX_LOSS_SCOPES)
+    if e.shared_expert_gate and e.num_shared_experts == 0:
+        raise bad_value(
+            "model.moe.shared_expert_gate",
+            True,
+            "gates the shared experts, but model.moe.num_shared_experts=0",
+            "set model.moe.num_shared_experts >= 1 or model.moe.shared_expert_gate=false",
+        )
     divides(
         "model.moe.num_experts",
         e.num_experts,

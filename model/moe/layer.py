@@ -1,7 +1,8 @@
 """The MoE feed-forward layer, as named phases: route -> dispatch -> experts -> combine (+ shared).
 
 Communication (under expert parallelism) lives only in the dispatcher; this module stays plain
-single-device PyTorch. Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts.
+single-device PyTorch. Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts,
+K experts per token, X = T*K routed token copies, N copies after dispatch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from model.layers import SwiGLU
 from model.moe.dispatch import LocalDispatcher, capacity_keep_mask, expert_capacity
 from model.moe.experts import GroupedExperts
 from model.moe.losses import AuxLossInjector, CountsReducer, load_balancing_loss, router_z_loss
-from model.moe.router import Router
+from model.moe.router import Router, Routing
 
 
 class MoE(nn.Module):
@@ -27,6 +28,8 @@ class MoE(nn.Module):
         if cfg.num_shared_experts > 0:
             shared_hidden = cfg.shared_ffn_hidden or cfg.num_shared_experts * cfg.moe_ffn_hidden
             self.shared_experts = SwiGLU(model_cfg.dim, shared_hidden)
+        # Qwen2-MoE / Qwen3-Next: a per-token sigmoid gate on the shared experts' output.
+        self.shared_expert_gate = nn.Linear(model_cfg.dim, 1, bias=False) if cfg.shared_expert_gate else None
         # Replaced by parallel/ under expert parallelism (all-to-all) and data parallelism
         # (token counts summed over the data-parallel group).
         self.dispatcher = LocalDispatcher(cfg.num_experts)
@@ -60,11 +63,17 @@ class MoE(nn.Module):
             keep_TK = capacity_keep_mask(
                 routing.experts_TK, routing.weights_TK, cfg.num_experts, capacity, cfg.drop_policy
             )
-        x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.experts_TK, keep_TK)  # 2.
-        y_ND = self.experts(x_ND, counts_local)  # 3. experts
-        y_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)  # 4. combine
+        if cfg.weights_on_input:
+            y_TD = self._experts_weighted_on_input(x_TD, routing, keep_TK)  # 2.-4.
+        else:
+            x_ND, counts_local, state = self.dispatcher.dispatch(x_TD, routing.experts_TK, keep_TK)  # 2.
+            y_ND = self.experts(x_ND, counts_local)  # 3. experts
+            y_TD = self.dispatcher.combine(y_ND, routing.weights_TK, state)  # 4. combine
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)  # 5. shared experts see every token
+            shared_TD = self.shared_experts(x_TD)  # 5. shared experts see every token
+            if self.shared_expert_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_expert_gate(x_TD))
+            y_TD = y_TD + shared_TD
 
         if self.training:
             self._record_load(routing.experts_TK, keep_TK)
@@ -73,6 +82,22 @@ class MoE(nn.Module):
                 self.step_aux_loss += aux_loss.detach()
                 y_TD = AuxLossInjector.apply(y_TD, aux_loss, self.aux_loss_scale)
         return y_TD.view(B, S, D)
+
+    def _experts_weighted_on_input(
+        self, x_TD: torch.Tensor, routing: Routing, keep_TK: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Phases 2-4 with the routing weight on each expert's *input* (Llama 4): the T*K weighted
+        copies are dispatched as tokens with one expert each (in the order of the K copies of each
+        token, so any dispatcher sends the same rows to the same experts) and combined with weight
+        1, then each token's K outputs are summed."""
+        experts_TK, weights_TK = routing.experts_TK, routing.weights_TK
+        T, K = experts_TK.shape
+        copies_XD = (x_TD.unsqueeze(1) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).flatten(0, 1)
+        keep_X1 = keep_TK.reshape(-1, 1) if keep_TK is not None else None
+        x_ND, counts_local, state = self.dispatcher.dispatch(copies_XD, experts_TK.reshape(-1, 1), keep_X1)
+        y_ND = self.experts(x_ND, counts_local)
+        ones_X1 = weights_TK.new_ones(T * K, 1)
+        return self.dispatcher.combine(y_ND, ones_X1, state).view(T, K, -1).sum(dim=1)
 
     def _aux_loss(
         self, probs_TE: torch.Tensor, logits_TE: torch.Tensor, experts_TK: torch.Tensor, seq_len: int
