@@ -15,13 +15,18 @@ from tests.distributed.harness import run_ranks
 pytestmark = pytest.mark.slow
 
 
-def make_layer(capacity_factor: float) -> tuple[MoE, torch.Tensor]:
+def make_layer(capacity_factor: float, weights_on_input: bool) -> tuple[MoE, torch.Tensor]:
     cfg = ModelConfig(
         dim=8,
         num_heads=2,
         num_kv_heads=2,
         moe=MoEConfig(
-            num_experts=4, top_k=2, moe_ffn_hidden=6, aux_loss_coef=0.1, capacity_factor=capacity_factor
+            num_experts=4,
+            top_k=2,
+            moe_ffn_hidden=6,
+            aux_loss_coef=0.1,
+            capacity_factor=capacity_factor,
+            weights_on_input=weights_on_input,
         ),
     )
     torch.manual_seed(0)
@@ -31,8 +36,8 @@ def make_layer(capacity_factor: float) -> tuple[MoE, torch.Tensor]:
     return layer, torch.randn(4, 6, 8)  # 4 sequences: one per rank at world size 4
 
 
-def ep_forward_backward(ep: int, capacity_factor: float) -> dict:
-    layer, x = make_layer(capacity_factor)
+def ep_forward_backward(ep: int, capacity_factor: float, weights_on_input: bool) -> dict:
+    layer, x = make_layer(capacity_factor, weights_on_input)
     rank = dist.get_rank()
     apply_expert_parallel(layer, init_device_mesh("cpu", (ep,)))
     x_local = x[rank : rank + 1].clone().requires_grad_()
@@ -51,11 +56,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, 1.0], ids=["dropless", "capacity"])
-def test_all_to_all_matches_local_moe(capacity_factor):
+@pytest.mark.parametrize(
+    "capacity_factor, weights_on_input",
+    [(0.0, False), (1.0, False), (1.0, True)],
+    ids=["dropless", "capacity", "weights_on_input"],  # Llama 4: routing weights on the expert input
+)
+def test_all_to_all_matches_local_moe(capacity_factor, weights_on_input):
     ep = 4
-    results = run_ranks(ep, ep_forward_backward, ep, capacity_factor)
-    layer, x = make_layer(capacity_factor)
+    results = run_ranks(ep, ep_forward_backward, ep, capacity_factor, weights_on_input)
+    layer, x = make_layer(capacity_factor, weights_on_input)
     w1_grad = torch.zeros_like(layer.experts.w1)
     for rank, res in enumerate(results):
         layer.zero_grad()

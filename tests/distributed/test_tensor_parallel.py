@@ -53,6 +53,10 @@ def make_config(case: str) -> ModelConfig:
         )
     if case.startswith("mtp"):
         cfg.mtp_depth = 1
+    if case.startswith("knobs"):  # the architecture knobs of released HF models, all at once
+        cfg.qkv_bias = cfg.attention_output_gate = cfg.norm_zero_centered = True
+        cfg.partial_rotary_factor = 0.5
+        cfg.moe.shared_expert_gate = cfg.moe.weights_on_input = True
     return cfg
 
 
@@ -65,6 +69,8 @@ CASES = {
     "mtp_sp": True,
     "mtp": False,
     "aux_sp": True,  # sequence-scope balancing loss + z-loss: router gradients through the injector
+    "knobs_sp": True,  # q/k/v biases, gated attention, partial RoPE, zero-centered norms,
+    "knobs": False,  # shared-expert gate, routing weights on the expert input
     "stage_sp": True,  # a last pipeline stage: no embedding, layer 1 only, hidden-state input
 }
 
