@@ -47,6 +47,13 @@ class CheckpointConfig:
     keep_last: int = 2
     async_save: bool = False  # write on a background thread while training continues
     verify: str = "full"  # before resuming: full (sizes + sha256 of every file) | size
+    # Start from a Hugging Face checkpoint: "hf:DIR" (model weights only; a checkpoint in `dir` to
+    # resume from takes precedence). A dense DIR with a MoE model config is upcycled.
+    init_from: str = ""
+    export_hf: str = ""  # at the end of training, also write the model as an HF directory here
+    export_hf_family: str = ""  # its model_type; "" = the family of init_from
+    export_hf_layout: str = ""  # per_expert | fused; "" = the family's Hub layout
+    export_hf_dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
 @dataclass

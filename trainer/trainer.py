@@ -115,6 +115,10 @@ class Trainer:
         self.pm = parallelize(
             cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches
         )
+        if cfg.checkpoint.init_from:  # before the optimizer: DeepSpeed keeps its own copy of the weights
+            from trainer.checkpoint.hf.job import load_hf
+
+            load_hf(self.pm.transformers, cfg.model, cfg.checkpoint.init_from)
         self.optimizer = self.pm.wrap_optimizer(
             build_optimizer(
                 nn.ModuleList(self.pm.parts),
@@ -204,6 +208,9 @@ class Trainer:
             self.watchdog.pet(f"step {self.progress.step}: checkpoint save")
             summary.checkpoint = self.save()
             self.ckpt_writer.wait()  # an async save must be complete before the run ends
+            if cfg.checkpoint.export_hf:
+                self.watchdog.pet("export to Hugging Face format")
+                metrics.print(f"exported {self.export_hf(summary.checkpoint)} (Hugging Face format)")
         finally:
             metrics.close()
         summary.final_step = self.progress.step
@@ -354,6 +361,22 @@ class Trainer:
             path = self.ckpt_writer.save(self.progress.step, self.state(), extra)
             self._saved_step = self.progress.step
         return path
+
+    def export_hf(self, step_dir: Path) -> Path:
+        """Rank 0 writes the HF copy from the checkpoint just saved (it reads every rank's shards,
+        so the export is the same at any layout); the others wait for it."""
+        from trainer.checkpoint.hf.job import export_run
+
+        out = Path(self.cfg.checkpoint.export_hf)
+        if self.rank == 0:
+            from data.prepare import default_corpus_dir
+
+            sources = [Path(s.path) for s in self.cfg.data.sources] or [default_corpus_dir(self.cfg.data)]
+            tokenizer = next((p for p in sources if (p / "tokenizer.json").is_file()), None)
+            out = export_run(self.cfg.checkpoint, self.cfg.model, step_dir, tokenizer)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
 
     def _report(self, message: str) -> None:
         if self.rank == 0:

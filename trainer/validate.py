@@ -39,6 +39,10 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     check_layout(cfg, world_size)
     _check_optim_and_train(cfg, world_size)
     _check_run(cfg)
+    if cfg.checkpoint.init_from or cfg.checkpoint.export_hf:
+        from trainer.checkpoint.hf.job import check_job  # reads config.json + safetensors headers only
+
+        check_job(cfg.checkpoint, cfg.model)
 
 
 def _check_model(cfg: JobConfig) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
 
 from trainer.checkpoint.hf.mapping import Region, read_ours, write_hf
 from trainer.checkpoint.hf.plan import ConversionPlan, our_shapes, required_keys
@@ -148,15 +148,22 @@ def export(
     out_dir: Path,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = 5 * 2**30,
-    extra_files: dict[str, str] | None = None,
+    tokenizer_from: Path | None = None,
+    replace: bool = False,
 ) -> dict[str, int]:
+    """Write the HF directory `out_dir` (complete or absent: see `write_sharded`), with the
+    tokenizer files found at `tokenizer_from` (a prepared dataset or an HF model directory)."""
+    from data.tokenizer import copy_tokenizer_files
+
     config = {
         **hf_config,
         "dtype": str(dtype).removeprefix("torch."),
         "transformers_version": _transformers_version(),
     }
-    files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n", **(extra_files or {})}
-    return write_sharded(out_dir, hf_tensors(plan, get_ours, dtype), files, max_shard_bytes)
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+    add_files = (lambda tmp: copy_tokenizer_files(tokenizer_from, tmp)) if tokenizer_from else None
+    tensors = hf_tensors(plan, get_ours, dtype)
+    return write_sharded(out_dir, tensors, files, max_shard_bytes, add_files, replace)
 
 
 def _transformers_version() -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -98,11 +98,17 @@ def write_sharded(
     tensors: Iterable[tuple[str, torch.Tensor]],
     files: dict[str, str],
     max_shard_bytes: int = 5 * 2**30,
+    add_files: Callable[[Path], object] | None = None,
+    replace: bool = False,
 ) -> dict[str, int]:
     """Write `tensors` (streamed: each is written and dropped before the next is asked for) as
-    safetensors shards with an index, and `files` (name -> text) beside them, into `out_dir`,
-    which must not exist yet. Everything goes to `out_dir.tmp` first, renamed at the end: a
-    directory named `out_dir` is always complete. Returns {shard file: bytes}."""
+    safetensors shards with an index, and `files` (name -> text) beside them (`add_files(tmp)`
+    may copy more), into `out_dir`. Everything goes to `out_dir.tmp` first, renamed at the end:
+    a directory named `out_dir` is always complete. An existing `out_dir` is an error unless
+    `replace` (an earlier export), then it is swapped out only once the new one is complete.
+    Returns {shard file: bytes}."""
+    if out_dir.exists() and not replace:
+        raise conversion_error(str(out_dir), "exists already (choose a new directory); nothing was written")
     from safetensors.torch import save_file
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -142,9 +148,13 @@ def write_sharded(
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for name, text in files.items():
         (tmp / name).write_text(text)
+    if add_files is not None:
+        add_files(tmp)
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return {new: (out_dir / new).stat().st_size for new in renamed.values()}
 
