@@ -38,4 +38,93 @@ CASES: dict[str, Case] = {
             max_position_embeddings=256,
         ),
     ),
+    # Qwen/Qwen3-30B-A3B: 128 experts top-8 renormalised, head_dim 128 = 2 x hidden/heads, per-head
+    # q/k norms, theta 1e6, eps 1e-6, every layer MoE (decoder_sparse_step 1, no mlp_only_layers).
+    "qwen3_moe": Case(
+        T.Qwen3MoeConfig,
+        T.Qwen3MoeForCausalLM,
+        dict(
+            TINY,
+            head_dim=16,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            router_aux_loss_coef=0.001,
+            max_position_embeddings=256,
+        ),
+    ),
+    # Qwen/Qwen1.5-MoE-A2.7B: 60 experts top-4 not renormalised, a gated shared expert 4x an
+    # expert's width (5632 = 4 x 1408), q/k/v biases, MHA (16 kv heads of 16), theta 1e6.
+    "qwen2_moe": Case(
+        T.Qwen2MoeConfig,
+        T.Qwen2MoeForCausalLM,
+        dict(
+            TINY,
+            num_key_value_heads=4,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=64,
+            num_experts=12,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+            qkv_bias=True,
+            decoder_sparse_step=1,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            router_aux_loss_coef=0.001,
+            max_position_embeddings=256,
+        ),
+    ),
+    # allenai/OLMoE-1B-7B-0924: 64 experts top-8 not renormalised, q/k norms over the whole
+    # projections, MHA, no clip_qkv, theta 1e4, eps 1e-5. pad_token_id (1 in the release) is left
+    # out: transformers' Embedding(padding_idx) zeroes that row's gradient, a training detail.
+    "olmoe": Case(
+        T.OlmoeConfig,
+        T.OlmoeForCausalLM,
+        dict(
+            TINY,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=8,
+            norm_topk_prob=False,
+            clip_qkv=None,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            router_aux_loss_coef=0.01,
+            max_position_embeddings=256,
+            pad_token_id=None,
+            eos_token_id=None,
+        ),
+    ),
+    # Qwen/Qwen3-Next-80B-A3B: 512 experts top-10 renormalised, a gated shared expert as wide as
+    # an expert, gated attention, partial RoPE 0.25, zero-centred norms, head_dim 256 = 2 x
+    # hidden/heads, theta 1e7. All layers full attention: Gated DeltaNet layers are refused.
+    "qwen3_next": Case(
+        T.Qwen3NextConfig,
+        T.Qwen3NextForCausalLM,
+        dict(
+            TINY,
+            head_dim=16,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=10,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            layer_types=["full_attention"] * TINY["num_hidden_layers"],
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+            router_aux_loss_coef=0.001,
+            max_position_embeddings=256,
+        ),
+    ),
 }

@@ -21,7 +21,9 @@ def o1_init_(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1:
-            base = 1.0 if "norm" in name and "bias" not in name else 0.0
+            # Norms keep the centre they were built with: 1 for `w * x`, 0 for zero-centred
+            # `(1 + w) * x` (Qwen3-Next); biases 0.
+            base = 1.0 if "norm" in name and "bias" not in name and bool(p.eq(1).all()) else 0.0
             p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         elif "embed" in name:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))

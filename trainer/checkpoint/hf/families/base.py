@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from model.config import ModelConfig
 from trainer.checkpoint.hf.hf_config import HFConfig
 from trainer.checkpoint.hf.mapping import Link
+from trainer.checkpoint.hf.safetensors_io import conversion_error
 
 PER_EXPERT, FUSED = "per_expert", "fused"
 EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
@@ -68,6 +69,76 @@ def aux_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int, notes: lis
 def aux_coef_to_hf(cfg: ModelConfig) -> float:
     num_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     return cfg.moe.aux_loss_coef * num_moe / cfg.moe.top_k
+
+
+def sparse_step_layers(hf: HFConfig, num_layers: int, num_experts: int) -> tuple[int, int, int]:
+    """Qwen-style MoE placement (Qwen2-MoE, Qwen3-MoE, Qwen3-Next): layer i is MoE when it is not
+    in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0. Returns (first_k_dense,
+    moe_layer_freq, number of MoE layers), or a one-line refusal."""
+    step = hf.get_int("decoder_sparse_step", 1)
+    if step < 1:
+        raise hf.error("decoder_sparse_step", f"={step} must be >= 1; nothing was written")
+    dense = hf.get("mlp_only_layers", [])
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise hf.error("mlp_only_layers", f"={dense!r} must be a list of layer indices; nothing was written")
+    moe = {i for i in range(num_layers) if i not in dense and num_experts > 0 and (i + 1) % step == 0}
+    first_k, freq = moe_layer_pattern(hf, moe, num_layers, "mlp_only_layers")
+    return first_k, freq, len(moe)
+
+
+def sparse_step_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    freq = cfg.moe_layer_freq
+    return {
+        "decoder_sparse_step": freq,
+        "mlp_only_layers": [i for i in range(cfg.first_k_dense) if (i + 1) % freq == 0],
+    }
+
+
+def num_experts_of(hf: HFConfig) -> int:
+    """`num_experts`, which transformers 5 may save under its alias `num_local_experts`."""
+    values = {k: hf.get_int(k) for k in ("num_experts", "num_local_experts") if hf.raw.get(k) is not None}
+    hf.ignore("num_experts", "num_local_experts")
+    if not values:
+        raise hf.error("num_experts", f"missing; a {hf.family} config.json needs it")
+    if len(set(values.values())) > 1:
+        raise hf.error(
+            "num_local_experts",
+            f"={values['num_local_experts']} disagrees with num_experts={values['num_experts']} (its alias); "
+            "nothing was written",
+        )
+    return next(iter(values.values()))
+
+
+def gated_shared_expert(hf: HFConfig) -> dict[str, Any]:
+    """MoEConfig fields of the one shared expert with a sigmoid gate that every Qwen2-MoE and
+    Qwen3-Next MoE layer has (`shared_expert_intermediate_size` wide)."""
+    hidden = hf.get_int("shared_expert_intermediate_size")
+    if hidden < 1:
+        raise hf.error(
+            "shared_expert_intermediate_size",
+            f"={hidden}: the gated shared expert needs a hidden size >= 1; nothing was written",
+        )
+    return dict(num_shared_experts=1, shared_ffn_hidden=hidden, shared_expert_gate=True)
+
+
+def gated_shared_expert_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
+    moe = cfg.moe
+    if moe.num_shared_experts == 0 and any(cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+        raise conversion_error(
+            "model.moe.num_shared_experts",
+            f"=0 has no {family.model_type} equivalent (each of its MoE layers has a gated shared "
+            "expert); nothing was written",
+        )
+    return {
+        "shared_expert_intermediate_size": moe.shared_ffn_hidden
+        or moe.num_shared_experts * moe.moe_ffn_hidden
+    }
+
+
+def refuse_sliding_window(hf: HFConfig) -> None:
+    """Qwen's `use_sliding_window` switch: off, the window fields have no effect."""
+    hf.expect("use_sliding_window", (False,), "sliding-window attention is not supported yet")
+    hf.ignore("sliding_window", "max_window_layers")
 
 
 def common_config(hf: HFConfig, default_theta: float) -> dict[str, Any]:
@@ -147,12 +218,15 @@ def block_norm_links(
 
 def gqa_links(cfg: ModelConfig, i: int, interleaved_rope: bool = False) -> list[Link]:
     """q/k/v/o projections (+ qkv biases, + q/k norms). With `interleaved_rope` (the checkpoint
-    rotates adjacent pairs, as complex-number RoPE does) each head's rows are permuted."""
+    rotates adjacent pairs, as complex-number RoPE does) each head's rows are permuted. With
+    `attention_output_gate` q_proj holds [query_h, gate_h] per head, our wq's layout too."""
     d, hd = cfg.dim, cfg.resolved_head_dim
     hq, hkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    wq_rows = 2 * hq if getattr(cfg, "attention_output_gate", False) else hq
+    assert not (interleaved_rope and wq_rows != hq), "no family has both"
     ours, hf = f"layers.{i}.attention", f"model.layers.{i}.self_attn"
     links = []
-    for name, proj, rows in (("wq", "q_proj", hq), ("wk", "k_proj", hkv)):
+    for name, proj, rows in (("wq", "q_proj", wq_rows), ("wk", "k_proj", hkv)):
         if interleaved_rope:
             perm = rope_halves_perm(hd)
             for h in range(rows // hd):
@@ -167,7 +241,7 @@ def gqa_links(cfg: ModelConfig, i: int, interleaved_rope: bool = False) -> list[
         Link(f"{ours}.wo.weight", f"{hf}.o_proj.weight", (d, hq)),
     ]
     if getattr(cfg, "qkv_bias", False):
-        for name, proj, rows in (("wq", "q_proj", hq), ("wk", "k_proj", hkv), ("wv", "v_proj", hkv)):
+        for name, proj, rows in (("wq", "q_proj", wq_rows), ("wk", "k_proj", hkv), ("wv", "v_proj", hkv)):
             links.append(Link(f"{ours}.{name}.bias", f"{hf}.{proj}.bias", (rows,)))
     if cfg.qk_norm:
         per_projection = getattr(cfg, "qk_norm_scope", "head") == "projection"
@@ -233,3 +307,21 @@ def expert_links(
         ),
         Link(f"{ours}.w2", f"{hf}.down_proj", (E, d, f), transpose=True),
     ]
+
+
+def mlp_links(cfg: ModelConfig, i: int, layout: str, shared_expert: bool = False) -> list[Link]:
+    """`model.layers.{i}.mlp`: a dense SwiGLU, or the sparse block (router `gate`, `experts`, and
+    for Qwen2-MoE / Qwen3-Next a `shared_expert` with its sigmoid `shared_expert_gate`)."""
+    hf = f"model.layers.{i}.mlp"
+    if not cfg.is_moe_layer(i):
+        return swiglu_links(f"layers.{i}.feed_forward", hf, cfg.dim, cfg.ffn_hidden)
+    moe = cfg.moe
+    links = [Link(f"layers.{i}.moe.router.gate.weight", f"{hf}.gate.weight", (moe.num_experts, cfg.dim))]
+    links += expert_links(cfg, i, f"{hf}.experts", layout)
+    if shared_expert:
+        hidden = moe.shared_ffn_hidden or moe.num_shared_experts * moe.moe_ffn_hidden
+        links += swiglu_links(f"layers.{i}.moe.shared_experts", f"{hf}.shared_expert", cfg.dim, hidden)
+        links.append(
+            Link(f"layers.{i}.moe.shared_expert_gate.weight", f"{hf}.shared_expert_gate.weight", (1, cfg.dim))
+        )
+    return links

@@ -1,0 +1,72 @@
+"""Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): q/k/v biases, softmax top-k (not
+renormalised in the releases), and in every MoE layer one shared expert whose output is scaled
+per token by sigmoid(shared_expert_gate(x)); `decoder_sparse_step` and `mlp_only_layers` place
+the MoE layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.config import ModelConfig, MoEConfig
+from trainer.checkpoint.hf.families import base
+from trainer.checkpoint.hf.hf_config import HFConfig
+from trainer.checkpoint.hf.mapping import Link
+
+
+class Qwen2MoE(base.Family):
+    model_type = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+
+    def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
+        base.refuse_sliding_window(hf)
+        num_layers = hf.get_int("num_hidden_layers")
+        hf.expect("layer_types", (["full_attention"] * num_layers,), "only full attention is supported")
+        # Required: absent, transformers would not assume multi-head attention as common_config does.
+        hf.get_int("num_key_value_heads")
+        common = base.common_config(hf, default_theta=10000.0)
+        num_experts, top_k = base.num_experts_of(hf), hf.get_int("num_experts_per_tok")
+        first_k, freq, num_moe = base.sparse_step_layers(hf, num_layers, num_experts)
+        moe = MoEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            moe_ffn_hidden=hf.get_int("moe_intermediate_size"),
+            **base.gated_shared_expert(hf),
+            score_func="softmax",
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            aux_loss_coef=base.aux_coef_from_hf(
+                float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes
+            ),
+        )
+        return ModelConfig(
+            name="qwen2_moe",
+            ffn_hidden=hf.get_int("intermediate_size"),
+            qkv_bias=bool(hf.get("qkv_bias", True)),  # absent from the Qwen1.5-MoE config: always on then
+            moe=moe,
+            first_k_dense=first_k,
+            moe_layer_freq=freq,
+            **common,
+        )
+
+    def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
+        moe = cfg.moe
+        return {
+            **base.common_config_to_hf(cfg, self),
+            **base.sparse_step_to_hf(cfg),
+            "intermediate_size": cfg.ffn_hidden,
+            "moe_intermediate_size": moe.moe_ffn_hidden,
+            **base.gated_shared_expert_to_hf(cfg, self),
+            "num_experts": moe.num_experts,
+            "num_experts_per_tok": moe.top_k,
+            "norm_topk_prob": moe.norm_topk_prob,
+            "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
+            "qkv_bias": cfg.qkv_bias,
+            "use_sliding_window": False,
+            "layer_types": ["full_attention"] * cfg.num_layers,
+        }
+
+    def links(self, cfg: ModelConfig, layout: str) -> list[Link]:
+        links = base.embedding_links(cfg)
+        for i in range(cfg.num_layers):
+            links += base.block_norm_links(cfg, i) + base.gqa_links(cfg, i)
+            links += base.mlp_links(cfg, i, layout, shared_expert=True)
+        return links

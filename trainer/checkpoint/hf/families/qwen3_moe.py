@@ -1,0 +1,66 @@
+"""Qwen3-MoE (Qwen/Qwen3-30B-A3B, 235B-A22B): per-head q/k norms, explicit head_dim, softmax
+top-k (renormalised when `norm_topk_prob`), no shared expert; `decoder_sparse_step` and
+`mlp_only_layers` place the MoE layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model.config import ModelConfig, MoEConfig
+from trainer.checkpoint.hf.families import base
+from trainer.checkpoint.hf.hf_config import HFConfig
+from trainer.checkpoint.hf.mapping import Link
+
+
+class Qwen3MoE(base.Family):
+    model_type = "qwen3_moe"
+    architecture = "Qwen3MoeForCausalLM"
+
+    def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
+        hf.expect("attention_bias", (False,), "it biases o_proj too; moeforge has q/k/v biases only")
+        base.refuse_sliding_window(hf)
+        # Required: absent, transformers would not assume multi-head attention as common_config does.
+        hf.get_int("num_key_value_heads")
+        common = base.common_config(hf, default_theta=10000.0)
+        num_experts, top_k = base.num_experts_of(hf), hf.get_int("num_experts_per_tok")
+        first_k, freq, num_moe = base.sparse_step_layers(hf, common["num_layers"], num_experts)
+        moe = MoEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            moe_ffn_hidden=hf.get_int("moe_intermediate_size"),
+            score_func="softmax",
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            aux_loss_coef=base.aux_coef_from_hf(
+                float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes
+            ),
+        )
+        return ModelConfig(
+            name="qwen3_moe",
+            ffn_hidden=hf.get_int("intermediate_size"),
+            qk_norm=True,
+            moe=moe,
+            first_k_dense=first_k,
+            moe_layer_freq=freq,
+            **common,
+        )
+
+    def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
+        return {
+            **base.common_config_to_hf(cfg, self),
+            **base.sparse_step_to_hf(cfg),
+            "intermediate_size": cfg.ffn_hidden,
+            "moe_intermediate_size": cfg.moe.moe_ffn_hidden,
+            "num_experts": cfg.moe.num_experts,
+            "num_experts_per_tok": cfg.moe.top_k,
+            "norm_topk_prob": cfg.moe.norm_topk_prob,
+            "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+        }
+
+    def links(self, cfg: ModelConfig, layout: str) -> list[Link]:
+        links = base.embedding_links(cfg)
+        for i in range(cfg.num_layers):
+            links += base.block_norm_links(cfg, i) + base.gqa_links(cfg, i) + base.mlp_links(cfg, i, layout)
+        return links
