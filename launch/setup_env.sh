@@ -43,10 +43,10 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 echo "[setup] installing moeforge and its dependencies"
-pip_q -e ".[dev,megatron,slurm]"
+pip_q -e ".[dev,megatron,slurm,hf]"
 DS_BUILD_OPS=0 pip_q --no-build-isolation "deepspeed==0.19.8"
-"$VENV/bin/python" -c "import torch, hydra, pyarrow, deepspeed, megatron.core" >/dev/null 2>&1 || {
-  echo "[setup] dependency check failed: run '$VENV/bin/python -c \"import torch, hydra, pyarrow, deepspeed, megatron.core\"' to see why" >&2
+"$VENV/bin/python" -c "import torch, hydra, pyarrow, deepspeed, megatron.core, transformers, safetensors" >/dev/null 2>&1 || {
+  echo "[setup] dependency check failed: run '$VENV/bin/python -c \"import torch, hydra, pyarrow, deepspeed, megatron.core, transformers, safetensors\"' to see why" >&2
   exit 1
 }
 echo "$want" >"$STAMP"
