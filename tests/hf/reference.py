@@ -48,10 +48,18 @@ def hf_logits_and_experts(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Te
         index = kwargs["top_k_index"] if "top_k_index" in kwargs else args[1]
         chosen.append(index.reshape(-1, index.shape[-1]).sort(dim=-1).values)
 
+    def grab_router(module, _args, out):  # Llama 4: its experts see every token (weight 0 if not chosen)
+        chosen.append(out[1].topk(module.top_k, dim=-1).indices.sort(dim=-1).values)
+
     handles = [
         m.register_forward_pre_hook(grab, with_kwargs=True)
         for name, m in model.named_modules()
         if name.endswith("mlp.experts") or name.endswith("block_sparse_moe.experts")
+    ]
+    handles += [
+        m.register_forward_hook(grab_router)
+        for n, m in model.named_modules()
+        if n.endswith("feed_forward.router")
     ]
     try:
         logits = model(input_ids=ids).logits

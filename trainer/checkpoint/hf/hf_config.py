@@ -3,6 +3,7 @@ no effect on the weights' meaning, or refused in one line. Nothing is ignored by
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from trainer.checkpoint.hf.safetensors_io import conversion_error
@@ -23,9 +24,18 @@ _MISSING = object()
 class HFConfig:
     """`config.json` as read by one family adapter; `finish()` refuses what nobody read."""
 
-    def __init__(self, raw: dict[str, Any], family: str, source: str = "config.json") -> None:
+    def __init__(
+        self,
+        raw: dict[str, Any],
+        family: str,
+        source: str = "config.json",
+        tensor_names: Iterable[str] | None = None,
+    ) -> None:
         self.raw, self.family, self.source = raw, family, source
         self.used: set[str] = set(NO_EFFECT)
+        # The checkpoint's tensor names, where the config alone cannot say what the weights hold
+        # (DeepSeek-V3's MTP layers, which transformers does not save); None when exporting.
+        self.tensor_names = frozenset(tensor_names) if tensor_names is not None else None
 
     def error(self, key: str, message: str):
         return conversion_error(f"{self.source}: {key}", message)

@@ -66,9 +66,11 @@ def family_of(config: dict, source: str) -> Family:
     return FAMILIES[model_type]
 
 
-def read_config(config: dict, source: str = "config.json") -> tuple[ModelConfig, Family, list[str]]:
+def read_config(
+    config: dict, source: str = "config.json", tensor_names: list[str] | None = None
+) -> tuple[ModelConfig, Family, list[str]]:
     family = family_of(config, source)
-    hf = HFConfig(config, family.model_type, source)
+    hf = HFConfig(config, family.model_type, source, tensor_names)
     notes: list[str] = []
     cfg = family.config_from_hf(hf, notes)
     hf.finish()
@@ -157,7 +159,7 @@ def check_against_checkpoint(plan: ConversionPlan, ckpt: HFCheckpoint) -> None:
 
 def plan_import(path: str, layout: str | None = None) -> tuple[ConversionPlan, HFCheckpoint]:
     ckpt = HFCheckpoint(path)
-    cfg, family, notes = read_config(ckpt.config, str(ckpt.path / "config.json"))
+    cfg, family, notes = read_config(ckpt.config, str(ckpt.path / "config.json"), ckpt.names())
     layout = layout or detect_layout(ckpt)
     plan = ConversionPlan(cfg, family, layout, family.links(cfg, layout), notes)
     check_against_checkpoint(plan, ckpt)

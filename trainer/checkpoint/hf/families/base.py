@@ -23,6 +23,7 @@ class Family:
     model_type: ClassVar[str]
     architecture: ClassVar[str]  # the transformers class `from_pretrained` builds
     native_layout: ClassVar[str] = PER_EXPERT  # the expert layout of the family's Hub checkpoints
+    layouts: ClassVar[tuple[str, ...]] = EXPERT_LAYOUTS  # the expert layouts it reads and writes
     dense: ClassVar[bool] = False  # a dense family: an upcycling source
 
     def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
