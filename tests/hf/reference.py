@@ -8,7 +8,10 @@ swapped or transposed weight still lands inside the tolerance; here each matrix 
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -83,3 +86,42 @@ def our_logits_and_experts(model: Transformer, ids: torch.Tensor) -> tuple[torch
         for h in handles:
             h.remove()
     return logits, chosen
+
+
+def save_families(tmp_path_factory, families) -> dict[str, Path]:
+    """One `save_pretrained` directory per family's test case (copied before each edit)."""
+    from tests.hf.cases import CASES
+
+    out = {}
+    for family in families:
+        case = CASES[family]
+        path = tmp_path_factory.mktemp(family) / "hf"
+        case.model_class(case.config()).save_pretrained(path)
+        out[family] = path
+    return out
+
+
+def edited(src: Path, dst: Path, edits: dict[str, object]) -> Path:
+    """A copy of the HF directory `src` with config.json fields set (None: removed)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for key, value in edits.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def assert_refused(path: Path, named: str) -> None:
+    """Importing `path` fails with one line that contains `named`."""
+    from trainer.checkpoint.hf import plan_import
+    from trainer.errors import ConfigError
+
+    try:
+        plan_import(str(path))
+    except ConfigError as err:
+        assert named in str(err) and "\n" not in str(err), str(err)
+        return
+    raise AssertionError(f"{path} imported; expected a refusal naming {named}")

@@ -6,14 +6,12 @@ DeepSeek-V3 checkpoint without its MTP layer, Llama 4's MoE layers from the inte
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.hf.cases import CASES
+from tests.hf.reference import assert_refused, edited, save_families
 from trainer.checkpoint.hf.families import PER_EXPERT
 from trainer.checkpoint.hf.plan import plan_export, plan_import
 from trainer.errors import ConfigError
@@ -62,37 +60,14 @@ REFUSALS = [
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, object]:
-    """One save_pretrained directory per family (copied before each edit)."""
-    out = {}
-    for family in FAMILIES:
-        case = CASES[family]
-        path = tmp_path_factory.mktemp(family) / "hf"
-        case.model_class(case.config()).save_pretrained(path)
-        out[family] = path
-    return out
-
-
-def edited(src, dst, edits: dict[str, object]):
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "config.json").read_text())
-    for key, value in edits.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
+    return save_families(tmp_path_factory, FAMILIES)
 
 
 @pytest.mark.parametrize(
     ("family", "edits", "field"), REFUSALS, ids=lambda v: str(v) if isinstance(v, str) else ""
 )
 def test_config_refused_naming_the_field(family, edits, field, saved, tmp_path) -> None:
-    path = edited(saved[family], tmp_path / "hf", edits)
-    with pytest.raises(ConfigError) as err:
-        plan_import(str(path))
-    assert f"config.json: {field}" in str(err.value), str(err.value)
-    assert "\n" not in str(err.value)
+    assert_refused(edited(saved[family], tmp_path / "hf", edits), f"config.json: {field}")
 
 
 def test_deepseek_v3_mtp_layer_refused(saved, tmp_path) -> None:
