@@ -152,3 +152,19 @@ def test_trainer_refuses_a_mismatched_init_from_before_any_work(mixtral_dir, tmp
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "moeforge: config error: model." in proc.stderr, proc.stderr
     assert "differs from" in proc.stderr and not run_dir.exists()
+
+
+def test_import_writes_a_recipe_that_reads_back_as_the_same_model(mixtral_dir, tmp_path, capsys) -> None:
+    """The `import` command's recipe, merged onto the schema the way Hydra composes `model=<name>`,
+    is the imported config; the command says what it converted and how to train from it."""
+    from omegaconf import OmegaConf
+
+    recipe = tmp_path / "mx.yaml"
+    assert hf_cli(["import", str(mixtral_dir), "--recipe-out", str(recipe), "--name", "mx"]) == 0
+    out = capsys.readouterr().out
+    assert "router_aux_loss_coef=0.02 -> model.moe.aux_loss_coef=0.0133333" in out
+    assert f"model=mx checkpoint.init_from=hf:{mixtral_dir}" in out
+    merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(recipe)))
+    expected = plan_import(str(mixtral_dir))[0].cfg
+    assert merged == ModelConfig(**{**expected.__dict__, "name": "mx"})
+    assert hf_cli(["import", str(mixtral_dir), "--recipe-out", str(recipe)]) == 2  # never overwritten
