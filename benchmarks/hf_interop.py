@@ -246,9 +246,10 @@ def rank_import(hf_dir: str, ranks: int) -> dict:
     meshes = build_meshes(dims, "cpu")
     plan, ckpt = plan_import(hf_dir)
     with Watch() as build:
-        pm = parallelize(
-            plan.cfg, ParallelConfig(dp=ranks, ep=ranks), dims, meshes, torch.device("cpu"), SEED, 1
-        )
+        pm = parallelize(  # as training from an import does: no random init first
+            plan.cfg, ParallelConfig(dp=ranks, ep=ranks), dims, meshes, torch.device("cpu"), SEED, 1,
+            init_params=False,
+        )  # fmt: skip
     keys = {link.ours for link in plan.links}
     local_bytes = sum(t.numel() * t.element_size() for _, t in local_blocks(pm.transformers, keys).values())
     if dist.get_rank() == 0:

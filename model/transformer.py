@@ -88,11 +88,12 @@ class Transformer(nn.Module):
 
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int, params: bool = True) -> None:
         """Fill every parameter with its layout-independent initial value (see model/init.py) and
         reset buffers. Works after `to_empty()` on a model built on the meta device, also when
-        parallel/ has pruned it to a pipeline stage or sharded its parameters as DTensors."""
-        for name, param in self.named_parameters():
+        parallel/ has pruned it to a pipeline stage or sharded its parameters as DTensors.
+        `params=False` resets the buffers only, for weights about to be loaded (an HF import)."""
+        for name, param in self.named_parameters() if params else ():
             full = initial_value(name, param.shape, seed, self.cfg).to(param.device)
             if isinstance(param, DTensor):
                 # Sharded by parallel/: every rank computes the same full value and keeps its

@@ -142,7 +142,10 @@ def parallelize(
     device: torch.device,
     seed: int,
     num_microbatches: int,
+    init_params: bool = True,
 ) -> ParallelModel:
+    """`init_params=False` leaves the parameters unset (every rank would otherwise compute the
+    full initial value of every tensor) for a caller that loads all of them next."""
     with torch.device("meta"):
         model = Transformer(model_cfg)  # 1
     stages: list[tuple[int, nn.Module]] = [(0, model)]
@@ -168,7 +171,7 @@ def parallelize(
         if dims.dp > 1 and dp_engine == "fsdp":
             apply_fsdp(part, meshes)  # 6
         part.to_empty(device=device)  # 7
-        part.init_weights(seed)
+        part.init_weights(seed, params=init_params)
         if dims.dp > 1:
             dp_group = meshes.dp.get_group()
             for moe in (m for m in part.modules() if isinstance(m, MoE)):

@@ -112,10 +112,13 @@ class Trainer:
         torch.manual_seed(seed)
         self.train_loader, self.val_batches = build_data(cfg, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
         self.num_microbatches = num_microbatches(cfg, dp_size)
+        # An HF import sets every parameter (the plan checks it), so none is initialised first.
+        from_hf = bool(cfg.checkpoint.init_from)
         self.pm = parallelize(
-            cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches
-        )
-        if cfg.checkpoint.init_from:  # before the optimizer: DeepSpeed keeps its own copy of the weights
+            cfg.model, cfg.parallel, self.dims, meshes, self.device, seed, self.num_microbatches,
+            init_params=not from_hf,
+        )  # fmt: skip
+        if from_hf:  # before the optimizer: DeepSpeed keeps its own copy of the weights
             from trainer.checkpoint.hf.job import load_hf
 
             load_hf(self.pm.transformers, cfg.model, cfg.checkpoint.init_from)

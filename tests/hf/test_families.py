@@ -31,6 +31,9 @@ class DictSource:
     def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
         return self.tensors[name][index]
 
+    def close(self) -> None:
+        pass
+
 
 def disk_layouts(family: str) -> list[str]:
     """Sources on disk: "hub" is `save_pretrained` (the family's native layout), FUSED the

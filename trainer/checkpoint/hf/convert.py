@@ -70,8 +70,11 @@ class HFStorageReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
 
-    def read_region(self, key: str, region: Region) -> torch.Tensor:
-        out = torch.empty([hi - lo for lo, hi in region], dtype=self.dtype)
+    def read_region(self, key: str, region: Region, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Our tensor `key` over `region`, assembled into `out` (allocated if None): the one copy
+        from the memory-mapped file, converting the dtype on the way."""
+        if out is None:
+            out = torch.empty([hi - lo for lo, hi in region], dtype=self.dtype)
         for link in self.by_ours[key]:
             piece = read_ours(link, self.shapes[key], region, self._read_hf)
             if piece is not None:
@@ -84,14 +87,14 @@ class HFStorageReader(StorageReader):
             return self.plan.synthetic[name][index]
         values = self.ckpt.read(name, index)
         self.bytes_read += values.numel() * values.element_size()
-        return values.to(self.dtype)
+        return values
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         for item in plan.items:
             key = item.storage_index.fqn
             region = tuple((o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
             target = planner.resolve_tensor(item).detach()
-            target.copy_(self.read_region(key, region))
+            self.read_region(key, region, out=target)
             planner.commit_tensor(item, target)
         fut: Future = Future()
         fut.set_result(None)
@@ -104,7 +107,10 @@ def load_into(models: list[torch.nn.Module], plan: ConversionPlan, ckpt: HFCheck
     reader = HFStorageReader(plan, ckpt)
     wanted = set(reader.read_metadata().state_dict_metadata)
     state = {k: v for model in models for k, v in model.state_dict().items() if k in wanted}
-    dcp.load(state, storage_reader=reader)  # in place: state_dict() values share the parameters' storage
+    try:
+        dcp.load(state, storage_reader=reader)  # in place: state_dict() values share the parameters' storage
+    finally:
+        ckpt.close()  # unmap the shards: the pages this rank touched would stay in its RSS
     return reader.bytes_read
 
 
@@ -113,10 +119,13 @@ def load_full(
 ) -> dict[str, torch.Tensor]:
     """Our whole state dict from the HF checkpoint, in one process."""
     reader = HFStorageReader(plan, ckpt, dtype)
-    return {
-        key: reader.read_region(key, tuple((0, n) for n in reader.shapes[key]))
-        for key in reader.read_metadata().state_dict_metadata
-    }
+    try:
+        return {
+            key: reader.read_region(key, tuple((0, n) for n in reader.shapes[key]))
+            for key in reader.read_metadata().state_dict_metadata
+        }
+    finally:
+        ckpt.close()
 
 
 def hf_tensors(
@@ -167,11 +176,12 @@ def export(
 
 
 def _transformers_version() -> str:
-    try:
-        import transformers
+    """For config.json, without importing transformers (a second of an export)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-        return transformers.__version__
-    except ImportError:
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
         return "5.0.0"
 
 

@@ -75,12 +75,18 @@ def read_ours(
     read_hf: Callable[[str, tuple[slice, ...]], torch.Tensor],
 ) -> tuple[tuple[slice, ...], torch.Tensor] | None:
     """The part of `region` (of our tensor) that `link` provides: (where it goes, relative to the
-    region's start; its values), reading only the HF slices behind it. None if they miss."""
+    region's start; its values, in the HF tensor's dtype), reading only the HF slices behind it.
+    None if they miss."""
     ours = _ranges(link.our_index, our_shape)
     inter = [(max(s, r0), min(e, r1)) for (s, e, _), (r0, r1) in zip(ours, region)]
     if any(lo >= hi for lo, hi in inter):
         return None
-    dest = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, region))
+    # An entry of a dropped dim is an int, so the copy into the region is 2-D when the block is
+    # (torch's transposed 2-D copy is ~5x faster than the same copy with a size-1 dim in front).
+    dest = tuple(
+        slice(lo - r0, hi - r0) if kept else lo - r0
+        for (lo, hi), (r0, _), (_, _, kept) in zip(inter, region, ours)
+    )
     # Block-relative ranges of the kept dims: the coordinates of the (transposed) HF block.
     rel = [(lo - s, hi - s) for (lo, hi), (s, _, kept) in zip(inter, ours) if kept]
     if link.perm is not None:
@@ -103,8 +109,8 @@ def read_ours(
         lo, hi = next((lo - s, hi - s) for (lo, hi), (s, _, kept) in zip(inter, ours) if kept)
         values = values[list(link.perm)][lo:hi]
     if link.scale != 1.0:
-        values = values * link.scale
-    return dest, values.reshape([hi - lo for lo, hi in inter])
+        values = values.float() * link.scale
+    return dest, values
 
 
 def write_hf(link: Link, ours: torch.Tensor, hf_out: torch.Tensor) -> None:

@@ -79,6 +79,10 @@ class HFCheckpoint:
                 ) from None
         return self._open[file]
 
+    def close(self) -> None:
+        """Drop the memory maps (reopened on the next read)."""
+        self._open.clear()
+
     def names(self) -> list[str]:
         return sorted(self.file_of)
 
