@@ -171,8 +171,9 @@ def export(
     }
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
     add_files = (lambda tmp: copy_tokenizer_files(tokenizer_from, tmp)) if tokenizer_from else None
+    specs = [(name, links[0].hf_shape, dtype) for name, links in plan.links_by_hf().items()]
     tensors = hf_tensors(plan, get_ours, dtype)
-    return write_sharded(out_dir, tensors, files, max_shard_bytes, add_files, replace)
+    return write_sharded(out_dir, specs, tensors, files, max_shard_bytes, add_files, replace)
 
 
 def _transformers_version() -> str:

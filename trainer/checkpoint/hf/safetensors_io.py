@@ -10,9 +10,11 @@ temporary directory that is renamed into place only when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -97,58 +99,53 @@ class HFCheckpoint:
         return view[index] if index else view[:]
 
 
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+}
+
+
 def write_sharded(
     out_dir: Path,
+    specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     files: dict[str, str],
     max_shard_bytes: int = 5 * 2**30,
     add_files: Callable[[Path], object] | None = None,
     replace: bool = False,
 ) -> dict[str, int]:
-    """Write `tensors` (streamed: each is written and dropped before the next is asked for) as
-    safetensors shards with an index, and `files` (name -> text) beside them (`add_files(tmp)`
-    may copy more), into `out_dir`. Everything goes to `out_dir.tmp` first, renamed at the end:
-    a directory named `out_dir` is always complete. An existing `out_dir` is an error unless
+    """Write `tensors` (yielded in the order of `specs`, which say their shapes and dtypes up
+    front) as safetensors shards with an index, and `files` (name -> text) beside them
+    (`add_files(tmp)` may copy more), into `out_dir`. Streamed: since every shard's header is
+    known before its first tensor exists, each tensor is written as it comes and dropped, so at
+    most one is in memory. Everything goes to `out_dir.tmp` first, renamed at the end: a
+    directory named `out_dir` is always complete. An existing `out_dir` is an error unless
     `replace` (an earlier export), then it is swapped out only once the new one is complete.
     Returns {shard file: bytes}."""
     if out_dir.exists() and not replace:
         raise conversion_error(str(out_dir), "exists already (choose a new directory); nothing was written")
-    from safetensors.torch import save_file
-
+    shards = _assign_shards(specs, max_shard_bytes)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weight_map: dict[str, str] = {}
-    shard_paths: list[Path] = []
-    total = 0
-
-    def flush(batch: dict[str, torch.Tensor]) -> None:
-        path = tmp / f"part-{len(shard_paths):05d}.safetensors"
-        save_file(batch, str(path), metadata={"format": "pt"})
-        shard_paths.append(path)
-        weight_map.update({name: path.name for name in batch})
-
-    batch: dict[str, torch.Tensor] = {}
-    batch_bytes = 0
-    for name, tensor in _unique(tensors):
-        nbytes = tensor.numel() * tensor.element_size()
-        if batch and batch_bytes + nbytes > max_shard_bytes:
-            flush(batch)
-            batch, batch_bytes = {}, 0
-        batch[name] = tensor.contiguous()
-        batch_bytes += nbytes
-        total += nbytes
-    if batch or not shard_paths:
-        flush(batch)
-    # Final names in from_pretrained's convention: model-00001-of-00003.safetensors.
-    count = len(shard_paths)
-    renamed = {p.name: f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i, p in enumerate(shard_paths)}
-    for old, new in renamed.items():
-        os.replace(tmp / old, tmp / new)
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {k: renamed[v] for k, v in sorted(weight_map.items())},
-    }
+    stream = iter(tensors)
+    for shard, file in zip(shards, names):
+        with open(tmp / file, "wb") as f:
+            f.write(_safetensors_header(shard))
+            for name, shape, dtype in shard:
+                got, tensor = next(stream)
+                assert got == name and tuple(tensor.shape) == shape and tensor.dtype == dtype, (got, name)
+                f.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+    assert next(stream, None) is None, "more tensors than specs"
+    weight_map = {name: file for shard, file in zip(shards, names) for name, _, _ in shard}
+    total = sum(_nbytes(spec) for spec in specs)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for name, text in files.items():
         (tmp / name).write_text(text)
@@ -160,12 +157,41 @@ def write_sharded(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return {new: (out_dir / new).stat().st_size for new in renamed.values()}
+    return {file: (out_dir / file).stat().st_size for file in names}
 
 
-def _unique(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    seen: set[str] = set()
-    for name, tensor in tensors:
-        assert name not in seen, f"{name} written twice"
-        seen.add(name)
-        yield name, tensor
+def _nbytes(spec: TensorSpec) -> int:
+    _, shape, dtype = spec
+    return math.prod(shape) * dtype.itemsize
+
+
+def _assign_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors into shards of at most `max_shard_bytes` (a larger tensor: alone)."""
+    assert len({name for name, _, _ in specs}) == len(specs), "a tensor name written twice"
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + _nbytes(spec) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += _nbytes(spec)
+    return shards
+
+
+def _safetensors_header(shard: list[TensorSpec]) -> bytes:
+    """The safetensors header: u64 little-endian length, then JSON (name -> dtype, shape, byte
+    range in the data section), space-padded to a multiple of 8."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in shard:
+        name, shape, dtype = spec
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + _nbytes(spec)],
+        }
+        offset += _nbytes(spec)
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
