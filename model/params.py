@@ -115,6 +115,7 @@ def count_params(
 
 
 def format_params(cfg: ModelConfig, include_mtp: bool = False) -> str:
-    """One line for logs and dry runs, e.g. `671.0B total, 37.6B active`."""
+    """One line for logs and dry runs, e.g. `671.0B total, 37.6B active` (`M` below a billion)."""
     total, active = count_params(cfg, include_mtp)
-    return f"{total / 1e9:.1f}B total, {active / 1e9:.1f}B active"
+    scale, unit = (1e9, "B") if total >= 1e9 else (1e6, "M")
+    return f"{total / scale:.1f}{unit} total, {active / scale:.1f}{unit} active"
