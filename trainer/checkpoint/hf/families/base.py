@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from model.config import ModelConfig
+from model.config import ModelConfig, MoEConfig
 from trainer.checkpoint.hf.hf_config import HFConfig
 from trainer.checkpoint.hf.mapping import Link
 from trainer.checkpoint.hf.safetensors_io import conversion_error
@@ -85,6 +85,26 @@ def sparse_step_layers(hf: HFConfig, num_layers: int, num_experts: int) -> tuple
     moe = {i for i in range(num_layers) if i not in dense and num_experts > 0 and (i + 1) % step == 0}
     first_k, freq = moe_layer_pattern(hf, moe, num_layers, "mlp_only_layers")
     return first_k, freq, len(moe)
+
+
+def qwen_moe(
+    hf: HFConfig, notes: list[str], num_layers: int, num_experts: int, norm_topk_default: bool, **shared: Any
+) -> tuple[MoEConfig, int, int]:
+    """(MoEConfig, first_k_dense, moe_layer_freq) of the Qwen MoE families: softmax top-k over
+    `num_experts` with `norm_topk_prob`, placed by `decoder_sparse_step` / `mlp_only_layers`;
+    `shared` holds the shared-expert fields where the family has one."""
+    top_k = hf.get_int("num_experts_per_tok")
+    first_k, freq, num_moe = sparse_step_layers(hf, num_layers, num_experts)
+    moe = MoEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_ffn_hidden=hf.get_int("moe_intermediate_size"),
+        score_func="softmax",
+        norm_topk_prob=bool(hf.get("norm_topk_prob", norm_topk_default)),
+        aux_loss_coef=aux_coef_from_hf(float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes),
+        **shared,
+    )
+    return moe, first_k, freq
 
 
 def sparse_step_to_hf(cfg: ModelConfig) -> dict[str, Any]:

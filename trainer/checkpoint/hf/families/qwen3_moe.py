@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import ModelConfig, MoEConfig
+from model.config import ModelConfig
 from trainer.checkpoint.hf.families import base
 from trainer.checkpoint.hf.hf_config import HFConfig
 from trainer.checkpoint.hf.mapping import Link
@@ -22,18 +22,7 @@ class Qwen3MoE(base.Family):
         # Required: absent, transformers would not assume multi-head attention as common_config does.
         hf.get_int("num_key_value_heads")
         common = base.common_config(hf, default_theta=10000.0)
-        num_experts, top_k = base.num_experts_of(hf), hf.get_int("num_experts_per_tok")
-        first_k, freq, num_moe = base.sparse_step_layers(hf, common["num_layers"], num_experts)
-        moe = MoEConfig(
-            num_experts=num_experts,
-            top_k=top_k,
-            moe_ffn_hidden=hf.get_int("moe_intermediate_size"),
-            score_func="softmax",
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            aux_loss_coef=base.aux_coef_from_hf(
-                float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes
-            ),
-        )
+        moe, first_k, freq = base.qwen_moe(hf, notes, common["num_layers"], base.num_experts_of(hf), False)
         return ModelConfig(
             name="qwen3_moe",
             ffn_hidden=hf.get_int("intermediate_size"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import ModelConfig, MoEConfig
+from model.config import ModelConfig
 from trainer.checkpoint.hf.families import base
 from trainer.checkpoint.hf.hf_config import HFConfig
 from trainer.checkpoint.hf.mapping import Link
@@ -40,18 +40,8 @@ class Qwen3Next(base.Family):
         common = base.common_config(hf, default_theta=10000.0)
         if not partial_given:
             common["partial_rotary_factor"] = DEFAULT_PARTIAL_ROTARY
-        num_experts, top_k = hf.get_int("num_experts"), hf.get_int("num_experts_per_tok")
-        first_k, freq, num_moe = base.sparse_step_layers(hf, num_layers, num_experts)
-        moe = MoEConfig(
-            num_experts=num_experts,
-            top_k=top_k,
-            moe_ffn_hidden=hf.get_int("moe_intermediate_size"),
-            **base.gated_shared_expert(hf),
-            score_func="softmax",
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-            aux_loss_coef=base.aux_coef_from_hf(
-                float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes
-            ),
+        moe, first_k, freq = base.qwen_moe(
+            hf, notes, num_layers, hf.get_int("num_experts"), True, **base.gated_shared_expert(hf)
         )
         return ModelConfig(
             name="qwen3_next",
