@@ -168,3 +168,37 @@ def test_import_writes_a_recipe_that_reads_back_as_the_same_model(mixtral_dir, t
     expected = plan_import(str(mixtral_dir))[0].cfg
     assert merged == ModelConfig(**{**expected.__dict__, "name": "mx"})
     assert hf_cli(["import", str(mixtral_dir), "--recipe-out", str(recipe)]) == 2  # never overwritten
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"init_from": "/models/x"}, "checkpoint.init_from"),  # not hf:DIR
+        ({"init_from": "hf:/nowhere"}, "/nowhere"),
+        ({"export_hf": "OUT"}, "checkpoint.export_hf_family"),  # no family, no init_from
+        (
+            {"export_hf": "OUT", "export_hf_family": "mixtral", "export_hf_dtype": "fp8"},
+            "checkpoint.export_hf_dtype",
+        ),
+        (
+            {"export_hf": "OUT", "export_hf_family": "mixtral", "export_hf_layout": "stacked"},
+            "checkpoint.export_hf_layout",
+        ),
+        ({"export_hf": "OUT", "export_hf_family": "gpt2"}, "--family"),
+        (
+            {"export_hf": "OUT", "export_hf_family": "mixtral"},
+            "model.moe.num_shared_experts",
+        ),  # tiny_moe has one
+    ],
+)
+def test_hf_checkpoint_fields_are_validated_before_any_work(fields, named, tmp_path) -> None:
+    from trainer.config import JobConfig
+    from trainer.validate import validate
+
+    job = JobConfig()
+    job.data.cache_dir = str(tmp_path)
+    for key, value in fields.items():
+        setattr(job.checkpoint, key, value.replace("OUT", str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match=named):
+        validate(job)
+    assert not (tmp_path / "out").exists()
