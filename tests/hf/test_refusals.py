@@ -185,10 +185,8 @@ def test_import_writes_a_recipe_that_reads_back_as_the_same_model(mixtral_dir, t
             "checkpoint.export_hf_layout",
         ),
         ({"export_hf": "OUT", "export_hf_family": "gpt2"}, "--family"),
-        (
-            {"export_hf": "OUT", "export_hf_family": "mixtral"},
-            "model.moe.num_shared_experts",
-        ),  # tiny_moe has one
+        # The default model has no shared expert; every Qwen2-MoE layer has a gated one.
+        ({"export_hf": "OUT", "export_hf_family": "qwen2_moe"}, "model.moe.num_shared_experts"),
     ],
 )
 def test_hf_checkpoint_fields_are_validated_before_any_work(fields, named, tmp_path) -> None:
