@@ -54,7 +54,7 @@ def export_family(init_from: str, family: str) -> str:
             "checkpoint.export_hf_family", "is empty: name the HF family (e.g. mixtral, qwen3_moe)"
         )
     source = FAMILIES[json.loads((init_path(init_from) / CONFIG).read_text())["model_type"]]
-    return getattr(source, "moe_counterpart", source.model_type) if source.dense else source.model_type
+    return source.moe_counterpart if source.dense else source.model_type
 
 
 def check_job(ckpt_cfg, model_cfg: ModelConfig) -> None:

@@ -98,6 +98,7 @@ def check_links(plan: ConversionPlan, shapes: dict[str, tuple[int, ...]], exact_
     missing weight."""
     covered: dict[str, int] = defaultdict(int)
     hf_covered: dict[str, int] = defaultdict(int)
+    hf_shapes: dict[str, tuple[int, ...]] = {}
     for link in plan.links:
         if link.ours not in shapes:
             raise conversion_error(
@@ -112,6 +113,7 @@ def check_links(plan: ConversionPlan, shapes: dict[str, tuple[int, ...]], exact_
             )
         covered[link.ours] += block_numel(link.our_index, shapes[link.ours])
         hf_covered[link.hf] += block_numel(link.hf_index, link.hf_shape)
+        hf_shapes[link.hf] = link.hf_shape
     for key in sorted(required_keys(plan.cfg, shapes)):
         numel = int(torch.Size(shapes[key]).numel())
         if covered.get(key, 0) != numel:
@@ -121,7 +123,7 @@ def check_links(plan: ConversionPlan, shapes: dict[str, tuple[int, ...]], exact_
             )
     if exact_hf:
         for name, count in hf_covered.items():
-            numel = int(torch.Size(plan.links_by_hf()[name][0].hf_shape).numel())
+            numel = int(torch.Size(hf_shapes[name]).numel())
             if count != numel:
                 raise conversion_error(name, f"only {count} of its {numel} values would be written")
 

@@ -8,6 +8,7 @@ nothing here changes what a weight means except by the exact rules of a `Link`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from model.config import ModelConfig, MoEConfig
@@ -19,21 +20,21 @@ PER_EXPERT, FUSED = "per_expert", "fused"
 EXPERT_LAYOUTS = (PER_EXPERT, FUSED)
 
 
-class Family:
+class Family(ABC):
     model_type: ClassVar[str]
     architecture: ClassVar[str]  # the transformers class `from_pretrained` builds
     native_layout: ClassVar[str] = PER_EXPERT  # the expert layout of the family's Hub checkpoints
     layouts: ClassVar[tuple[str, ...]] = EXPERT_LAYOUTS  # the expert layouts it reads and writes
     dense: ClassVar[bool] = False  # a dense family: an upcycling source
 
-    def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
-        raise NotImplementedError
+    @abstractmethod
+    def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig: ...
 
-    def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]: ...
 
-    def links(self, cfg: ModelConfig, layout: str) -> list[Link]:
-        raise NotImplementedError
+    @abstractmethod
+    def links(self, cfg: ModelConfig, layout: str) -> list[Link]: ...
 
 
 # ---- config helpers -----------------------------------------------------------------------------
@@ -105,6 +106,20 @@ def qwen_moe(
         **shared,
     )
     return moe, first_k, freq
+
+
+def qwen_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of `qwen_moe`: routed-MoE fields and layer placement of a Qwen MoE config."""
+    moe = cfg.moe
+    return {
+        **sparse_step_to_hf(cfg),
+        "intermediate_size": cfg.ffn_hidden,
+        "moe_intermediate_size": moe.moe_ffn_hidden,
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "norm_topk_prob": moe.norm_topk_prob,
+        "router_aux_loss_coef": aux_coef_to_hf(cfg),
+    }
 
 
 def sparse_step_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -187,7 +202,7 @@ def common_config(hf: HFConfig, default_theta: float) -> dict[str, Any]:
 
 def common_config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+    if cfg.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     return {
         "architectures": [family.architecture],
@@ -243,7 +258,7 @@ def gqa_links(cfg: ModelConfig, i: int, interleaved_rope: bool = False) -> list[
     `attention_output_gate` q_proj holds [query_h, gate_h] per head, our wq's layout too."""
     d, hd = cfg.dim, cfg.resolved_head_dim
     hq, hkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    wq_rows = 2 * hq if getattr(cfg, "attention_output_gate", False) else hq
+    wq_rows = 2 * hq if cfg.attention_output_gate else hq
     assert not (interleaved_rope and wq_rows != hq), "no family has both"
     ours, hf = f"layers.{i}.attention", f"model.layers.{i}.self_attn"
     links = []
@@ -261,11 +276,11 @@ def gqa_links(cfg: ModelConfig, i: int, interleaved_rope: bool = False) -> list[
         Link(f"{ours}.wv.weight", f"{hf}.v_proj.weight", (hkv, d)),
         Link(f"{ours}.wo.weight", f"{hf}.o_proj.weight", (d, hq)),
     ]
-    if getattr(cfg, "qkv_bias", False):
+    if cfg.qkv_bias:
         for name, proj, rows in (("wq", "q_proj", wq_rows), ("wk", "k_proj", hkv), ("wv", "v_proj", hkv)):
             links.append(Link(f"{ours}.{name}.bias", f"{hf}.{proj}.bias", (rows,)))
     if cfg.qk_norm:
-        per_projection = getattr(cfg, "qk_norm_scope", "head") == "projection"
+        per_projection = cfg.qk_norm_scope == "projection"
         q_size, k_size = (hq, hkv) if per_projection else (hd, hd)
         links += [
             Link(f"{ours}.q_norm.weight", f"{hf}.q_norm.weight", (q_size,)),

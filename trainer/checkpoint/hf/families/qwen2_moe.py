@@ -38,17 +38,10 @@ class Qwen2MoE(base.Family):
         )
 
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
-        moe = cfg.moe
         return {
             **base.common_config_to_hf(cfg, self),
-            **base.sparse_step_to_hf(cfg),
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": moe.moe_ffn_hidden,
+            **base.qwen_moe_to_hf(cfg),
             **base.gated_shared_expert_to_hf(cfg, self),
-            "num_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k,
-            "norm_topk_prob": moe.norm_topk_prob,
-            "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
             "qkv_bias": cfg.qkv_bias,
             "use_sliding_window": False,
             "layer_types": ["full_attention"] * cfg.num_layers,

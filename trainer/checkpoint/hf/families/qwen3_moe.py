@@ -36,13 +36,7 @@ class Qwen3MoE(base.Family):
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
         return {
             **base.common_config_to_hf(cfg, self),
-            **base.sparse_step_to_hf(cfg),
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": cfg.moe.moe_ffn_hidden,
-            "num_experts": cfg.moe.num_experts,
-            "num_experts_per_tok": cfg.moe.top_k,
-            "norm_topk_prob": cfg.moe.norm_topk_prob,
-            "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
+            **base.qwen_moe_to_hf(cfg),
             "attention_bias": False,
             "use_sliding_window": False,
             "sliding_window": None,

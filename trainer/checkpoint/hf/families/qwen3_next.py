@@ -83,20 +83,13 @@ class Qwen3Next(base.Family):
             )
 
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
-        moe = cfg.moe
         hf = base.common_config_to_hf(cfg, self)
         # Always written: absent, transformers would assume 0.25.
         hf["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
         return {
             **hf,
-            **base.sparse_step_to_hf(cfg),
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": moe.moe_ffn_hidden,
+            **base.qwen_moe_to_hf(cfg),
             **base.gated_shared_expert_to_hf(cfg, self),
-            "num_experts": moe.num_experts,
-            "num_experts_per_tok": moe.top_k,
-            "norm_topk_prob": moe.norm_topk_prob,
-            "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
             "attention_bias": False,
             "layer_types": ["full_attention"] * cfg.num_layers,
         }
