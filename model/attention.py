@@ -18,7 +18,7 @@ from model.layers import RMSNorm, apply_rope
 
 
 class GroupedQueryAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         hd = self.head_dim = cfg.resolved_head_dim
         self.output_gate = cfg.attention_output_gate
@@ -76,7 +76,7 @@ class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2/V3 MLA, in its training form: the KV latent is expanded per head (no weight
     absorption, which only pays off for decoding with a latent KV cache)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         mla, heads = cfg.mla, cfg.num_heads
         self.nope_dim, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
@@ -122,5 +122,11 @@ class MultiHeadLatentAttention(nn.Module):
         return self.wo(out_BHSE.transpose(1, 2).reshape(B, S, -1))
 
 
-def build_attention(cfg: ModelConfig) -> nn.Module:
-    return {"gqa": GroupedQueryAttention, "mla": MultiHeadLatentAttention}[cfg.attention](cfg)
+def build_attention(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The token mixer of layer `layer_idx`: Gated DeltaNet on Qwen3-Next's linear-attention
+    layers, else the configured softmax attention."""
+    if cfg.is_linear_attention_layer(layer_idx):
+        from model.linear_attention import GatedDeltaNet
+
+        return GatedDeltaNet(cfg)
+    return {"gqa": GroupedQueryAttention, "mla": MultiHeadLatentAttention}[cfg.attention](cfg, layer_idx)

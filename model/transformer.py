@@ -41,7 +41,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
-        self.attention = build_attention(cfg)
+        self.attention = build_attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_zero_centered)
         if cfg.is_moe_layer(layer_idx):
             self.moe = MoE(cfg)

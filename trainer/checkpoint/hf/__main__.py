@@ -21,6 +21,9 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 import recipes
 from model.config import ModelConfig
 from model.params import format_params
@@ -34,7 +37,6 @@ EXIT_ERROR = 2
 
 
 def recipe_yaml(cfg: ModelConfig, header: str) -> str:
-    from omegaconf import OmegaConf
 
     return f"# {header}\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -140,11 +142,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def model_config_from_dict(d: dict, source: Path) -> ModelConfig:
-    from model.config import MLAConfig, MoEConfig
-
     try:
-        return ModelConfig(**{**d, "moe": MoEConfig(**d["moe"]), "mla": MLAConfig(**d["mla"])})
-    except (TypeError, KeyError) as e:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), d))
+    except (TypeError, KeyError, OmegaConfBaseException) as e:
         raise conversion_error(
             f"{source}/manifest.json: config.model", f"does not fit this moeforge version ({e})"
         ) from None
