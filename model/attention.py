@@ -17,6 +17,38 @@ from model.config import ModelConfig
 from model.layers import RMSNorm, apply_rope
 
 
+def causal_mask(seq_len: int, chunk_size: int, window: int, device: torch.device) -> torch.Tensor | None:
+    """[S, S] boolean mask (True = attend) for causal attention restricted to aligned chunks
+    (Llama 4's chunked attention) and/or to the last `window` tokens (sliding window); None when
+    neither applies, so plain causal attention keeps SDPA's fused causal path."""
+    chunk = chunk_size if 0 < chunk_size < seq_len else 0
+    window = window if 0 < window < seq_len else 0
+    if not chunk and not window:
+        return None
+    q_S1 = torch.arange(seq_len, device=device)[:, None]
+    k_1S = torch.arange(seq_len, device=device)[None, :]
+    allowed_SS = k_1S <= q_S1
+    if chunk:
+        allowed_SS &= (q_S1 // chunk) == (k_1S // chunk)
+    if window:
+        allowed_SS &= q_S1 - k_1S < window
+    return allowed_SS
+
+
+def weightless_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's "L2" qk norm: x / rms(x) over the head dim, in fp32, no weight."""
+    x_fp32 = x.float()
+    return (x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def query_temperature(seq_len: int, floor_scale: float, scale: float, device: torch.device) -> torch.Tensor:
+    """Llama 4's attention temperature tuning on NoPE layers: queries at position p scaled by
+    1 + scale * ln(1 + floor((p + 1) / floor_scale)), so long-range attention stays sharp. [S, 1, 1]"""
+    pos_S = torch.arange(seq_len, device=device, dtype=torch.float32)
+    factor_S = torch.log1p(torch.floor((pos_S + 1.0) / floor_scale)) * scale + 1.0
+    return factor_S[:, None, None]
+
+
 class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -33,6 +65,19 @@ class GroupedQueryAttention(nn.Module):
             widths = (cfg.num_heads * hd, cfg.num_kv_heads * hd) if self.norm_over_heads else (hd, hd)
             self.q_norm, self.k_norm = (RMSNorm(w, cfg.norm_eps, cfg.norm_zero_centered) for w in widths)
         self.rotary_dim = cfg.rotary_dim
+        self.clip_qkv = cfg.clip_qkv
+        self.use_rope = cfg.uses_rope(layer_idx)
+        self.norm_eps = cfg.norm_eps
+        # Llama 4: the L2 qk norm and chunked attention act on RoPE layers, temperature tuning on
+        # NoPE layers (iRoPE: local attention with positions, global attention without).
+        self.l2_qk_norm = cfg.qk_l2_norm and self.use_rope
+        self.chunk_size = cfg.attention_chunk_size if self.use_rope else 0
+        self.temperature = (
+            (cfg.attn_floor_scale, cfg.attn_scale)
+            if cfg.attn_temperature_tuning and not self.use_rope
+            else None
+        )
+        self.sliding_window = cfg.sliding_window
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -51,12 +96,26 @@ class GroupedQueryAttention(nn.Module):
             k_BSKE = self.k_norm(k_BSKE.flatten(2)).view_as(k_BSKE)
         elif self.q_norm is not None:
             q_BSHE, k_BSKE = self.q_norm(q_BSHE), self.k_norm(k_BSKE)
-        q_BSHE, k_BSKE = self._rope(q_BSHE, cos, sin), self._rope(k_BSKE, cos, sin)
+        if self.clip_qkv:  # OLMoE: after the qk norm, before RoPE
+            q_BSHE, k_BSKE, v_BSKE = (
+                t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q_BSHE, k_BSKE, v_BSKE)
+            )
+        if self.use_rope:
+            q_BSHE, k_BSKE = self._rope(q_BSHE, cos, sin), self._rope(k_BSKE, cos, sin)
+        if self.l2_qk_norm:
+            q_BSHE, k_BSKE = (
+                weightless_rms_norm(q_BSHE, self.norm_eps),
+                weightless_rms_norm(k_BSKE, self.norm_eps),
+            )
+        if self.temperature is not None:
+            q_BSHE = (q_BSHE * query_temperature(S, *self.temperature, q_BSHE.device)).to(q_BSHE.dtype)
+        mask_SS = causal_mask(S, self.chunk_size, self.sliding_window, x_BSD.device)
         out_BHSE = F.scaled_dot_product_attention(
             q_BSHE.transpose(1, 2),
             k_BSKE.transpose(1, 2),
             v_BSKE.transpose(1, 2),
-            is_causal=True,
+            attn_mask=mask_SS,
+            is_causal=mask_SS is None,
             enable_gqa=q_BSHE.shape[2] != k_BSKE.shape[2],
         )
         out_BSHE = out_BHSE.transpose(1, 2)

@@ -114,7 +114,7 @@ class ModelConfig:
     nope_layer_interval: int = 0
     # Llama 4, NoPE layers only: queries scaled by 1 + attn_scale * ln(1 + floor((pos + 1) / floor_scale)).
     attn_temperature_tuning: bool = False
-    attn_floor_scale: float = 8192.0
+    attn_floor_scale: int = 8192
     attn_scale: float = 0.1
     # Llama 4, RoPE layers only: attention within aligned chunks of this many tokens; 0 = off.
     attention_chunk_size: int = 0

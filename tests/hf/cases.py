@@ -221,8 +221,9 @@ CASES: dict[str, Case] = {
     ),
     # meta-llama/Llama-4-Maverick-17B-128E: 128 experts top-1 (sigmoid weight on the expert input),
     # a shared expert, MoE every 2nd layer, dense layers 2x an expert's width (16384 / 8192), GQA
-    # 40/8 heads of 128, theta 5e5, eps 1e-5. NoPE layers, qk norm and chunked attention are refused,
-    # so every layer uses RoPE, no qk norm, and the chunk covers max_position_embeddings.
+    # 40/8 heads of 128, theta 5e5, eps 1e-5, iRoPE: every 4th layer NoPE with temperature-tuned
+    # queries, the RoPE layers chunked (8192), no qk norm. Chunk and floor scale shrunk so that a
+    # 12-token test sequence crosses both.
     "llama4_text": Case(
         T.Llama4TextConfig,
         T.Llama4ForCausalLM,
@@ -235,10 +236,39 @@ CASES: dict[str, Case] = {
             num_local_experts=16,
             num_experts_per_tok=1,
             interleave_moe_layer_step=2,
-            no_rope_layers=[1, 1, 1, 1],
+            no_rope_layers=None,
+            no_rope_layer_interval=4,
             use_qk_norm=False,
-            attention_chunk_size=256,
+            attention_chunk_size=5,
             attn_temperature_tuning=True,
+            floor_scale=4,
+            attn_scale=0.1,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            router_aux_loss_coef=0.001,
+            max_position_embeddings=256,
+        ),
+    ),
+    # meta-llama/Llama-4-Scout-17B-16E: as Maverick, but 16 experts, every layer MoE, and the
+    # weightless L2 qk norm on the RoPE layers.
+    "llama4_scout": Case(
+        T.Llama4TextConfig,
+        T.Llama4ForCausalLM,
+        dict(
+            TINY,
+            num_hidden_layers=4,
+            head_dim=8,
+            intermediate_size=16,
+            intermediate_size_mlp=32,
+            num_local_experts=16,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=1,
+            no_rope_layers=None,
+            use_qk_norm=True,
+            attention_chunk_size=5,
+            attn_temperature_tuning=True,
+            floor_scale=4,
+            attn_scale=0.1,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
             router_aux_loss_coef=0.001,

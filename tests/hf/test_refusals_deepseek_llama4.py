@@ -47,10 +47,9 @@ REFUSALS = [
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
     ("deepseek_v3", {"n_group": 32}, "n_group"),  # one expert per group: no best two
     ("deepseek_v3", {"topk_group": 0}, "topk_group"),
-    ("llama4_text", {"no_rope_layers": [1, 1, 1, 0]}, "no_rope_layers"),  # iRoPE's NoPE layers
-    ("llama4_text", {"no_rope_layers": None}, "no_rope_layers"),  # default: every 4th layer NoPE
-    ("llama4_text", {"use_qk_norm": True}, "use_qk_norm"),
-    ("llama4_text", {"attention_chunk_size": 128}, "attention_chunk_size"),  # < 256 positions
+    ("llama4_text", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),  # not every n-th layer
+    ("llama4_text", {"no_rope_layers": [1, 1]}, "no_rope_layers"),  # fewer entries than layers
+    ("llama4_text", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),  # NoPE layer chunked
     ("llama4_text", {"layer_types": ["sliding_attention"] * 4}, "layer_types"),
     ("llama4_text", {"rope_parameters": LLAMA3}, "rope_parameters.rope_type"),
     ("llama4_text", {"attention_bias": True}, "attention_bias"),

@@ -7,11 +7,10 @@ that sees every token. Dense layers are `intermediate_size_mlp` wide, routed and
 `intermediate_size`. The Hub holds experts only fused, in our own orientation ([E, D, 2F] and
 [E, F, D]); transformers knows no per-expert Llama 4 layout, so neither do we.
 
-Refused in one line, not supported yet: NoPE layers (a 0 in `no_rope_layers`: Llama 4's iRoPE;
-`attn_temperature_tuning` only scales the queries of those, so without them it has no effect),
-`use_qk_norm` (a weightless L2 norm of q and k on the RoPE layers), chunked attention with a
-chunk shorter than max_position_embeddings, attention biases, and RoPE scaling (`hf.rope`).
-Released Scout and Maverick use NoPE layers and chunked attention, so they do not import yet.
+iRoPE as released: a NoPE layer every `no_rope_layer_interval` layers (nope_layer_interval),
+attention temperature tuning of those layers' queries, chunked attention and the weightless L2
+qk norm on the RoPE layers. Refused in one line: NoPE or chunked layer sets that are not that
+regular pattern, attention biases.
 """
 
 from __future__ import annotations
@@ -41,43 +40,40 @@ class Llama4(base.Family):
 
     def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
         common = base.common_config(hf, default_theta=500000.0)
-        num_layers, max_pos = common["num_layers"], common["max_seq_len"]
+        num_layers = common["num_layers"]
         hf.expect("attention_bias", (False,), "q/k/v/o projections have no bias")
-        hf.expect("use_qk_norm", (False,), "Llama 4's weightless L2 norm of q and k is not supported yet")
+        qk_l2_norm = bool(hf.get("use_qk_norm", False))
         hf.ignore("for_llm_compressor")  # a flag for a quantisation tool
+        nope_interval = self._nope_interval(hf, num_layers)
 
-        # transformers' defaults: every no_rope_layer_interval-th layer NoPE, RoPE layers chunked.
-        interval = hf.get_int("no_rope_layer_interval", 4)
-        uses_rope = hf.get("no_rope_layers", None) or [
-            int((i + 1) % interval != 0) for i in range(num_layers)
-        ]
-        uses_rope = _int_list(hf, "no_rope_layers", uses_rope)
-        if len(uses_rope) < num_layers:
-            raise hf.error("no_rope_layers", f"has {len(uses_rope)} entries, num_hidden_layers={num_layers}")
-        nope = [i for i, r in enumerate(uses_rope[:num_layers]) if not r]
-        if nope:
-            raise hf.error(
-                "no_rope_layers",
-                f"makes layers {nope} NoPE layers (Llama 4's iRoPE): not supported yet; nothing was written",
-            )
-        hf.ignore("attn_temperature_tuning", "floor_scale", "attn_scale")  # they act on NoPE layers only
+        # transformers' default layer_types: the RoPE layers chunked when a chunk size is set.
         chunk = hf.get("attention_chunk_size", None)
         types = hf.get("layer_types", None) or [
-            "chunked_attention" if chunk is not None else "full_attention" for _ in range(num_layers)
+            "chunked_attention"
+            if chunk is not None and (nope_interval == 0 or (i + 1) % nope_interval)
+            else "full_attention"
+            for i in range(num_layers)
         ]
         if len(types) != num_layers or set(types) - set(ATTENTION_TYPES):
             raise hf.error("layer_types", f"={types!r} must list {num_layers} of {ATTENTION_TYPES}")
-        if "chunked_attention" in types:
-            if chunk is None or chunk < max_pos:
-                raise hf.error(
-                    "attention_chunk_size",
-                    f"={chunk!r} < max_position_embeddings={max_pos}: chunked (local) attention is not supported "
-                    "yet; nothing was written",
-                )
-            notes.append(
-                f"attention_chunk_size={chunk}: chunked attention is full attention up to {chunk} tokens; "
-                "sequences longer than that would attend differently"
+        rope_layers = [i for i in range(num_layers) if nope_interval == 0 or (i + 1) % nope_interval]
+        chunked = [i for i, t in enumerate(types) if t == "chunked_attention"]
+        if chunked and chunked != rope_layers:
+            raise hf.error(
+                "layer_types",
+                f"chunks layers {chunked}: moeforge chunks exactly the RoPE layers {rope_layers}; nothing was written",
             )
+        if chunked and chunk is None:
+            raise hf.error("attention_chunk_size", "is missing but layer_types has chunked_attention layers")
+        tuning = bool(hf.get("attn_temperature_tuning", False)) and nope_interval > 0
+        knobs = dict(
+            nope_layer_interval=nope_interval,
+            qk_l2_norm=qk_l2_norm,
+            attention_chunk_size=int(chunk) if chunked else 0,
+            attn_temperature_tuning=tuning,
+            attn_floor_scale=hf.get_int("floor_scale", 8192),
+            attn_scale=float(hf.get("attn_scale", 0.1)),
+        )
 
         step = hf.get_int("interleave_moe_layer_step", 1)
         if step < 1:
@@ -111,19 +107,51 @@ class Llama4(base.Family):
             moe=moe,
             first_k_dense=first_k,
             moe_layer_freq=freq,
+            **knobs,
             **common,
         )
+
+    @staticmethod
+    def _nope_interval(hf: HFConfig, num_layers: int) -> int:
+        """`no_rope_layers` (1 = RoPE, 0 = NoPE; transformers' default: a NoPE layer every
+        `no_rope_layer_interval` layers) as moeforge's `nope_layer_interval` (0 = RoPE everywhere)."""
+        interval = hf.get_int("no_rope_layer_interval", 4)
+        if interval < 1:
+            raise hf.error("no_rope_layer_interval", f"={interval} must be >= 1")
+        given = hf.get("no_rope_layers", None)
+        uses_rope = (
+            _int_list(hf, "no_rope_layers", given)
+            if given
+            else [int((i + 1) % interval != 0) for i in range(num_layers)]
+        )
+        if len(uses_rope) < num_layers:
+            raise hf.error("no_rope_layers", f"has {len(uses_rope)} entries, num_hidden_layers={num_layers}")
+        nope = [i for i in range(num_layers) if not uses_rope[i]]
+        if not nope:
+            return 0
+        step = nope[0] + 1
+        if nope != list(range(step - 1, num_layers, step)):
+            raise hf.error(
+                "no_rope_layers",
+                f"makes layers {nope} NoPE: moeforge expresses a NoPE layer every n-th layer only; nothing was written",
+            )
+        return step
 
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
         num_layers = cfg.num_layers
         return {
             **base.common_config_to_hf(cfg, self),
             "attention_bias": False,
-            "use_qk_norm": False,
-            "no_rope_layers": [1] * num_layers,
-            "attention_chunk_size": None,
-            "layer_types": ["full_attention"] * num_layers,
-            "attn_temperature_tuning": False,
+            "use_qk_norm": cfg.qk_l2_norm,
+            "no_rope_layers": [int(cfg.uses_rope(i)) for i in range(num_layers)],
+            "attention_chunk_size": cfg.attention_chunk_size or None,
+            "layer_types": [
+                "chunked_attention" if cfg.attention_chunk_size and cfg.uses_rope(i) else "full_attention"
+                for i in range(num_layers)
+            ],
+            "attn_temperature_tuning": cfg.attn_temperature_tuning,
+            "floor_scale": cfg.attn_floor_scale,
+            "attn_scale": cfg.attn_scale,
             "intermediate_size_mlp": cfg.ffn_hidden,
             "intermediate_size": cfg.moe.moe_ffn_hidden,
             "num_local_experts": cfg.moe.num_experts,
