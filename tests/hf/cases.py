@@ -59,6 +59,42 @@ CASES: dict[str, Case] = {
             max_position_embeddings=256,
         ),
     ),
+    # Mixtral's config carries `sliding_window` (null in the releases; Mistral-7B used 4096):
+    # on, shrunk below the test's 12 tokens.
+    "mixtral_sliding_window": Case(
+        T.MixtralConfig,
+        T.MixtralForCausalLM,
+        dict(
+            TINY,
+            intermediate_size=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            sliding_window=5,
+            max_position_embeddings=256,
+        ),
+    ),
+    # Qwen3-MoE with dense layers that are not a 'first k, then every n-th' pattern.
+    "qwen3_moe_mlp_only_layers": Case(
+        T.Qwen3MoeConfig,
+        T.Qwen3MoeForCausalLM,
+        dict(
+            TINY,
+            num_hidden_layers=4,
+            head_dim=16,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1, 3],
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            max_position_embeddings=256,
+        ),
+    ),
     # Qwen/Qwen1.5-MoE-A2.7B: 60 experts top-4 not renormalised, a gated shared expert 4x an
     # expert's width (5632 = 4 x 1408), q/k/v biases, MHA (16 kv heads of 16), theta 1e6.
     "qwen2_moe": Case(
@@ -98,6 +134,26 @@ CASES: dict[str, Case] = {
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             router_aux_loss_coef=0.01,
+            max_position_embeddings=256,
+            pad_token_id=None,
+            eos_token_id=None,
+        ),
+    ),
+    # OLMoE with `clip_qkv` on (OLMo's earlier models clipped at 8; O(1) activations here need a
+    # smaller bound to clip anything).
+    "olmoe_clip_qkv": Case(
+        T.OlmoeConfig,
+        T.OlmoeForCausalLM,
+        dict(
+            TINY,
+            num_key_value_heads=4,
+            intermediate_size=16,
+            num_experts=16,
+            num_experts_per_tok=8,
+            norm_topk_prob=False,
+            clip_qkv=1.5,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             max_position_embeddings=256,
             pad_token_id=None,
             eos_token_id=None,

@@ -59,7 +59,7 @@ CASES_BAD = {
         dict(config=set_field("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})),
         "rope_parameters.rope_type",
     ),
-    "sliding window": (dict(config=set_field("sliding_window", 4096)), "sliding_window"),
+    "sliding window not an integer": (dict(config=set_field("sliding_window", "wide")), "sliding_window"),
     "unknown config field": (dict(config=set_field("attention_sink", True)), "attention_sink"),
     "non-SwiGLU activation": (dict(config=set_field("hidden_act", "gelu")), "hidden_act"),
     "config that is not an integer": (dict(config=set_field("num_local_experts", "8")), "num_local_experts"),

@@ -23,22 +23,19 @@ FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "qwen3_next")
 REFUSALS = [
     ("qwen3_moe", {"attention_bias": True}, "attention_bias"),
     ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
-    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),  # MoE layers {0, 2}
+    ("qwen3_moe", {"mlp_only_layers": [1.5]}, "mlp_only_layers"),  # not layer indices
     ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step"),
     ("qwen3_moe", {"num_experts": 8}, "num_local_experts"),  # disagrees with the saved alias
     ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window"),
     ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention", "full_attention"]}, "layer_types"),
-    ("qwen2_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
     ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size"),
     ("olmoe", {"attention_bias": True}, "attention_bias"),
-    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
     ("olmoe", {"sliding_window": 4096}, "sliding_window"),
     ("olmoe", {"head_dim": 16}, "head_dim"),
     ("qwen3_next", {"layer_types": ["linear_attention", "full_attention", "full_attention"]}, "layer_types"),
     ("qwen3_next", {"layer_types": None, "full_attention_interval": 4}, "full_attention_interval"),
     ("qwen3_next", {"attention_bias": True}, "attention_bias"),
     ("qwen3_next", {"use_sliding_window": True}, "use_sliding_window"),
-    ("qwen3_next", {"mlp_only_layers": [1]}, "mlp_only_layers"),
     ("qwen3_next", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size"),
 ]
 

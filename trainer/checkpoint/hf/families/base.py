@@ -40,18 +40,17 @@ class Family(ABC):
 # ---- config helpers -----------------------------------------------------------------------------
 
 
-def moe_layer_pattern(hf: HFConfig, moe_layers: set[int], num_layers: int, field: str) -> tuple[int, int]:
-    """(first_k_dense, moe_layer_freq) that make exactly `moe_layers` MoE, or a one-line refusal."""
+def moe_layer_pattern(moe_layers: set[int], num_layers: int) -> dict[str, Any]:
+    """ModelConfig placement fields (first_k_dense, moe_layer_freq, mlp_only_layers) that make
+    exactly `moe_layers` MoE: 'the first k dense, then every n-th layer' where that fits, else
+    every layer MoE except the listed `mlp_only_layers`."""
     for first_k in range(num_layers + 1):
         for freq in range(1, num_layers + 1):
             cfg = ModelConfig(num_layers=num_layers, first_k_dense=first_k, moe_layer_freq=freq)
             if {i for i in range(num_layers) if cfg.is_moe_layer(i)} == moe_layers:
-                return first_k, freq
-    raise hf.error(
-        field,
-        f"makes layers {sorted(moe_layers)} MoE; moeforge expresses only 'the first k dense, then "
-        "every n-th layer MoE'; nothing was written",
-    )
+                return {"first_k_dense": first_k, "moe_layer_freq": freq, "mlp_only_layers": []}
+    dense = [i for i in range(num_layers) if i not in moe_layers]
+    return {"first_k_dense": 0, "moe_layer_freq": 1, "mlp_only_layers": dense}
 
 
 def aux_coef_from_hf(hf_coef: float, top_k: int, num_moe_layers: int, notes: list[str]) -> float:
@@ -73,10 +72,10 @@ def aux_coef_to_hf(cfg: ModelConfig) -> float:
     return cfg.moe.aux_loss_coef * num_moe / cfg.moe.top_k
 
 
-def sparse_step_layers(hf: HFConfig, num_layers: int, num_experts: int) -> tuple[int, int, int]:
+def sparse_step_layers(hf: HFConfig, num_layers: int, num_experts: int) -> tuple[dict[str, Any], int]:
     """Qwen-style MoE placement (Qwen2-MoE, Qwen3-MoE, Qwen3-Next): layer i is MoE when it is not
-    in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0. Returns (first_k_dense,
-    moe_layer_freq, number of MoE layers), or a one-line refusal."""
+    in `mlp_only_layers` and (i + 1) % decoder_sparse_step == 0. Returns the ModelConfig placement
+    fields and the number of MoE layers, or a one-line refusal."""
     step = hf.get_int("decoder_sparse_step", 1)
     if step < 1:
         raise hf.error("decoder_sparse_step", f"={step} must be >= 1; nothing was written")
@@ -84,18 +83,17 @@ def sparse_step_layers(hf: HFConfig, num_layers: int, num_experts: int) -> tuple
     if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
         raise hf.error("mlp_only_layers", f"={dense!r} must be a list of layer indices; nothing was written")
     moe = {i for i in range(num_layers) if i not in dense and num_experts > 0 and (i + 1) % step == 0}
-    first_k, freq = moe_layer_pattern(hf, moe, num_layers, "mlp_only_layers")
-    return first_k, freq, len(moe)
+    return moe_layer_pattern(moe, num_layers), len(moe)
 
 
 def qwen_moe(
     hf: HFConfig, notes: list[str], num_layers: int, num_experts: int, norm_topk_default: bool, **shared: Any
-) -> tuple[MoEConfig, int, int]:
-    """(MoEConfig, first_k_dense, moe_layer_freq) of the Qwen MoE families: softmax top-k over
+) -> tuple[MoEConfig, dict[str, Any]]:
+    """(MoEConfig, placement fields: see `moe_layer_pattern`) of the Qwen MoE families: softmax top-k over
     `num_experts` with `norm_topk_prob`, placed by `decoder_sparse_step` / `mlp_only_layers`;
     `shared` holds the shared-expert fields where the family has one."""
     top_k = hf.get_int("num_experts_per_tok")
-    first_k, freq, num_moe = sparse_step_layers(hf, num_layers, num_experts)
+    placement, num_moe = sparse_step_layers(hf, num_layers, num_experts)
     moe = MoEConfig(
         num_experts=num_experts,
         top_k=top_k,
@@ -105,7 +103,7 @@ def qwen_moe(
         aux_loss_coef=aux_coef_from_hf(float(hf.get("router_aux_loss_coef", 0.001)), top_k, num_moe, notes),
         **shared,
     )
-    return moe, first_k, freq
+    return moe, placement
 
 
 def qwen_moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -126,7 +124,9 @@ def sparse_step_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     freq = cfg.moe_layer_freq
     return {
         "decoder_sparse_step": freq,
-        "mlp_only_layers": [i for i in range(cfg.first_k_dense) if (i + 1) % freq == 0],
+        "mlp_only_layers": [
+            i for i in range(cfg.num_layers) if (i + 1) % freq == 0 and not cfg.is_moe_layer(i)
+        ],
     }
 
 

@@ -62,8 +62,8 @@ def mla_config(hf: HFConfig) -> tuple[dict[str, Any], MLAConfig]:
     return common, mla
 
 
-def moe_layer_placement(hf: HFConfig, num_layers: int, default_first_k: int) -> tuple[int, int]:
-    """(first_k_dense, moe_layer_freq). transformers makes every layer from first_k_dense_replace
+def moe_layer_placement(hf: HFConfig, num_layers: int, default_first_k: int) -> dict[str, Any]:
+    """ModelConfig placement fields (see `base.moe_layer_pattern`). transformers makes every layer from first_k_dense_replace
     on MoE and ignores moe_layer_freq; DeepSeek's own code also needs `i % moe_layer_freq == 0`:
     only a value on which both agree is accepted."""
     first_k = hf.get_int("first_k_dense_replace", default_first_k)
@@ -76,7 +76,7 @@ def moe_layer_placement(hf: HFConfig, num_layers: int, default_first_k: int) -> 
             f"={freq}: DeepSeek's code makes layers {sorted(deepseek)} MoE, transformers (which ignores it) "
             f"layers {sorted(moe)}: the checkpoint is ambiguous; nothing was written",
         )
-    return base.moe_layer_pattern(hf, moe, num_layers, "first_k_dense_replace")
+    return base.moe_layer_pattern(moe, num_layers)
 
 
 def group_limits(
@@ -175,7 +175,7 @@ class DeepseekV2(base.Family):
     def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
         common, mla = mla_config(hf)
         num_layers = common["num_layers"]
-        first_k, freq = moe_layer_placement(hf, num_layers, self.defaults["first_k_dense_replace"])
+        placement = moe_layer_placement(hf, num_layers, self.defaults["first_k_dense_replace"])
         num_experts, top_k = hf.get_int("n_routed_experts"), hf.get_int("num_experts_per_tok")
         moe_hidden, num_shared = hf.get_int("moe_intermediate_size"), hf.get_int("n_shared_experts")
         if num_shared < 1:  # transformers builds zero-width shared experts; we would build none
@@ -196,8 +196,7 @@ class DeepseekV2(base.Family):
             ffn_hidden=hf.get_int("intermediate_size"),
             mla=mla,
             moe=moe,
-            first_k_dense=first_k,
-            moe_layer_freq=freq,
+            **placement,
             mtp_depth=self.mtp_from_hf(hf, num_layers, notes),
             **common,
         )

@@ -84,7 +84,7 @@ class Llama4(base.Family):
         moe_layers = _int_list(hf, "moe_layers", moe_layers)
         if not all(0 <= i < num_layers for i in moe_layers):
             raise hf.error("moe_layers", f"={moe_layers} must be layer indices below {num_layers}")
-        first_k, freq = base.moe_layer_pattern(hf, set(moe_layers), num_layers, "moe_layers")
+        placement = base.moe_layer_pattern(set(moe_layers), num_layers)
 
         top_k = hf.get_int("num_experts_per_tok")
         hidden = hf.get_int("intermediate_size")
@@ -105,8 +105,7 @@ class Llama4(base.Family):
             name=self.model_type,
             ffn_hidden=hf.get_int("intermediate_size_mlp"),
             moe=moe,
-            first_k_dense=first_k,
-            moe_layer_freq=freq,
+            **placement,
             **knobs,
             **common,
         )

@@ -1,4 +1,5 @@
-"""Mixtral (mistralai/Mixtral-8x7B, 8x22B): every layer MoE, softmax top-k renormalised."""
+"""Mixtral (mistralai/Mixtral-8x7B, 8x22B): every layer MoE, softmax top-k renormalised;
+`sliding_window` (null in the releases) as moeforge's sliding-window attention."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ class Mixtral(base.Family):
     architecture = "MixtralForCausalLM"
 
     def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
-        hf.expect("sliding_window", (), "sliding-window attention is not supported yet")
         common = base.common_config(hf, default_theta=1e6)
         top_k, num_layers = hf.get_int("num_experts_per_tok"), common["num_layers"]
         hidden = hf.get_int("intermediate_size")
@@ -30,7 +30,8 @@ class Mixtral(base.Family):
                 float(hf.get("router_aux_loss_coef", 0.0)), top_k, num_layers, notes
             ),
         )
-        return ModelConfig(name="mixtral", ffn_hidden=hidden, moe=moe, **common)
+        window = hf.get_int("sliding_window", 0)
+        return ModelConfig(name="mixtral", ffn_hidden=hidden, moe=moe, sliding_window=window, **common)
 
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
         return {
@@ -40,7 +41,7 @@ class Mixtral(base.Family):
             "num_experts_per_tok": cfg.moe.top_k,
             "router_jitter_noise": cfg.moe.router_jitter,
             "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
-            "sliding_window": None,
+            "sliding_window": cfg.sliding_window or None,
         }
 
     def links(self, cfg: ModelConfig, layout: str) -> list[Link]:

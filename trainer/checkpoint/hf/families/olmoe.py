@@ -1,5 +1,6 @@
 """OLMoE (allenai/OLMoE-1B-7B-0924): every layer MoE, softmax top-k (not renormalised in the
-release), q/k RMSNorms over the whole q and k projections (before the split into heads)."""
+release), q/k RMSNorms over the whole q and k projections (before the split into heads), then `clip_qkv`
+(null in the release) clamping q, k and v."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ class OLMoE(base.Family):
 
     def config_from_hf(self, hf: HFConfig, notes: list[str]) -> ModelConfig:
         hf.expect("attention_bias", (False,), "it biases o_proj too; moeforge has q/k/v biases only")
-        hf.expect("clip_qkv", (), "q/k/v are never clamped in moeforge")
         hf.expect("sliding_window", (), "sliding-window attention is not supported yet")
         dim, heads = hf.get_int("hidden_size"), hf.get_int("num_attention_heads")
         # transformers sizes the q/k norms from hidden_size / heads whatever head_dim says.
@@ -35,7 +35,13 @@ class OLMoE(base.Family):
             ),
         )
         return ModelConfig(
-            name="olmoe", ffn_hidden=hidden, qk_norm=True, qk_norm_scope="projection", moe=moe, **common
+            name="olmoe",
+            ffn_hidden=hidden,
+            qk_norm=True,
+            qk_norm_scope="projection",
+            clip_qkv=float(hf.get("clip_qkv", 0.0)),
+            moe=moe,
+            **common,
         )
 
     def config_to_hf(self, cfg: ModelConfig, notes: list[str]) -> dict[str, Any]:
@@ -47,7 +53,7 @@ class OLMoE(base.Family):
             "norm_topk_prob": cfg.moe.norm_topk_prob,
             "router_aux_loss_coef": base.aux_coef_to_hf(cfg),
             "attention_bias": False,
-            "clip_qkv": None,
+            "clip_qkv": cfg.clip_qkv or None,
         }
 
     def links(self, cfg: ModelConfig, layout: str) -> list[Link]:

@@ -24,7 +24,7 @@ class Qwen2MoE(base.Family):
         # Required: absent, transformers would not assume multi-head attention as common_config does.
         hf.get_int("num_key_value_heads")
         common = base.common_config(hf, default_theta=10000.0)
-        moe, first_k, freq = base.qwen_moe(
+        moe, placement = base.qwen_moe(
             hf, notes, num_layers, base.num_experts_of(hf), False, **base.gated_shared_expert(hf)
         )
         return ModelConfig(
@@ -32,8 +32,7 @@ class Qwen2MoE(base.Family):
             ffn_hidden=hf.get_int("intermediate_size"),
             qkv_bias=bool(hf.get("qkv_bias", True)),  # absent from the Qwen1.5-MoE config: always on then
             moe=moe,
-            first_k_dense=first_k,
-            moe_layer_freq=freq,
+            **placement,
             **common,
         )
 

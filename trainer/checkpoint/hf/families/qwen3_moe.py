@@ -22,14 +22,13 @@ class Qwen3MoE(base.Family):
         # Required: absent, transformers would not assume multi-head attention as common_config does.
         hf.get_int("num_key_value_heads")
         common = base.common_config(hf, default_theta=10000.0)
-        moe, first_k, freq = base.qwen_moe(hf, notes, common["num_layers"], base.num_experts_of(hf), False)
+        moe, placement = base.qwen_moe(hf, notes, common["num_layers"], base.num_experts_of(hf), False)
         return ModelConfig(
             name="qwen3_moe",
             ffn_hidden=hf.get_int("intermediate_size"),
             qk_norm=True,
             moe=moe,
-            first_k_dense=first_k,
-            moe_layer_freq=freq,
+            **placement,
             **common,
         )
 

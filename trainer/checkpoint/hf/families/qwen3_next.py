@@ -40,7 +40,7 @@ class Qwen3Next(base.Family):
         common = base.common_config(hf, default_theta=10000.0)
         if not partial_given:
             common["partial_rotary_factor"] = DEFAULT_PARTIAL_ROTARY
-        moe, first_k, freq = base.qwen_moe(
+        moe, placement = base.qwen_moe(
             hf, notes, num_layers, hf.get_int("num_experts"), True, **base.gated_shared_expert(hf)
         )
         return ModelConfig(
@@ -50,8 +50,7 @@ class Qwen3Next(base.Family):
             attention_output_gate=True,
             norm_zero_centered=True,
             moe=moe,
-            first_k_dense=first_k,
-            moe_layer_freq=freq,
+            **placement,
             **common,
         )
 
