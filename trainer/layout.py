@@ -141,6 +141,14 @@ def _check_combinations(cfg: JobConfig) -> None:
             f"is not supported with parallel.pp={p.pp} / tp={p.tp}",
             "set model.tie_embeddings=false",
         )
+    if p.tp > 1 and m.linear_attention.full_attention_interval > 0:
+        divides(
+            "model.linear_attention.num_key_heads",
+            m.linear_attention.num_key_heads,
+            "parallel.tp",
+            p.tp,
+            "tensor parallelism splits the Gated DeltaNet heads: pick a tp that divides them",
+        )
     if p.tp > 1 and m.attention == "gqa" and m.qk_norm and m.qk_norm_scope == "projection":
         raise bad_value(
             "model.qk_norm_scope",

@@ -98,6 +98,7 @@ def _check_model(cfg: JobConfig) -> None:
             "use an even head size",
         )
     _check_attention_options(cfg)
+    _check_layer_kinds(cfg)
     if any(m.is_moe_layer(i) for i in range(m.num_layers)):
         _check_moe(cfg)
 
@@ -127,6 +128,41 @@ def _check_attention_options(cfg: JobConfig) -> None:
             f"gives int(head_dim={m.resolved_head_dim} * factor) = {m.rotary_dim} rotary dims, which "
             "must be even and > 0 (RoPE rotates pairs)",
             "pick a factor that gives an even number of dims",
+        )
+
+
+def _check_layer_kinds(cfg: JobConfig) -> None:
+    """Which layers are Gated DeltaNet, NoPE, chunked or windowed, and the dense-layer list."""
+    m, la = cfg.model, cfg.model.linear_attention
+    positive(
+        m,
+        "model",
+        ("nope_layer_interval", "attention_chunk_size", "sliding_window", "clip_qkv"),
+        allow_zero=True,
+    )
+    positive(m, "model", ("attn_floor_scale",))
+    positive(m, "model", ("attn_scale",), allow_zero=True)
+    for i in m.mlp_only_layers:
+        if not 0 <= i < m.num_layers:
+            raise bad_value(
+                "model.mlp_only_layers",
+                m.mlp_only_layers,
+                f"names layer {i}",
+                f"use indices below {m.num_layers}",
+            )
+    positive(la, "model.linear_attention", ("full_attention_interval",), allow_zero=True)
+    if la.full_attention_interval == 0:
+        return
+    positive(
+        la, "model.linear_attention", ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim")
+    )
+    positive(la, "model.linear_attention", ("conv_kernel", "chunk_size"))
+    if la.num_value_heads % la.num_key_heads:
+        raise bad_value(
+            "model.linear_attention.num_value_heads",
+            la.num_value_heads,
+            f"is not a multiple of num_key_heads={la.num_key_heads} (each q/k head serves a group of v heads)",
+            "pick a multiple",
         )
 
 

@@ -465,6 +465,37 @@ BAD_CONFIGS = [
     (1, ["model.moe.weights_on_input=maybe"], "model.moe.weights_on_input"),
     (1, ["model.partial_rotary_factor=quarter"], "model.partial_rotary_factor"),
     (2, ["parallel.tp=2", "model.qk_norm=true", "model.qk_norm_scope=projection"], "model.qk_norm_scope"),
+    (1, ["model.nope_layer_interval=-1"], "model.nope_layer_interval"),
+    (1, ["model.attention_chunk_size=-8"], "model.attention_chunk_size"),
+    (1, ["model.sliding_window=-1"], "model.sliding_window"),
+    (1, ["model.clip_qkv=-1.0"], "model.clip_qkv"),
+    (1, ["model.attn_floor_scale=0"], "model.attn_floor_scale"),
+    (1, ["model.mlp_only_layers=[9]"], "model.mlp_only_layers"),  # 4 layers
+    (
+        1,
+        ["model.linear_attention.full_attention_interval=-2"],
+        "model.linear_attention.full_attention_interval",
+    ),
+    (
+        1,
+        ["model.linear_attention.full_attention_interval=2", "model.linear_attention.num_value_heads=3"],
+        "model.linear_attention.num_value_heads",
+    ),
+    (
+        1,
+        ["model.linear_attention.full_attention_interval=2", "model.linear_attention.chunk_size=0"],
+        "model.linear_attention.chunk_size",
+    ),
+    (
+        2,
+        [
+            "parallel.tp=2",
+            "model.linear_attention.full_attention_interval=2",
+            "model.linear_attention.num_key_heads=3",
+            "model.linear_attention.num_value_heads=6",
+        ],
+        "model.linear_attention.num_key_heads",
+    ),
 ]
 
 
