@@ -81,7 +81,11 @@ class LayerSplit:
         return self.dense + self.experts
 
 
-def _attention_split(cfg: ModelConfig, tp: int, attention: int) -> int:
+def _attention_split(cfg: ModelConfig, layer_idx: int, tp: int, attention: int) -> int:
+    if cfg.is_linear_attention_layer(layer_idx):
+        # Gated DeltaNet: everything is per head (split) except the gated norm over one head.
+        norm = cfg.linear_attention.value_head_dim
+        return (attention - norm) // tp + norm
     if cfg.attention != "mla":
         # Per-head q/k norms are replicated (projection-wide ones need tp=1: trainer/layout.py).
         head_norms = 2 * cfg.resolved_head_dim if cfg.qk_norm and cfg.qk_norm_scope == "head" else 0
@@ -95,22 +99,32 @@ def _attention_split(cfg: ModelConfig, tp: int, attention: int) -> int:
 
 def layer_split(cfg: ModelConfig, layer_idx: int, tp: int, ep: int, mtp: bool = False) -> LayerSplit:
     p = mtp_params(cfg) if mtp else layer_params(cfg, layer_idx)
-    moe = cfg.is_moe_layer(cfg.num_layers - 1 if mtp else layer_idx)
+    kind_idx = cfg.num_layers - 1 if mtp else layer_idx  # an MTP block is built like the last layer
+    moe = cfg.is_moe_layer(kind_idx)
     # The router and the shared-expert gate are replicated over tp; the shared experts are split.
     router = cfg.moe.num_experts * cfg.dim if moe else 0
     if moe and cfg.moe.num_shared_experts > 0 and cfg.moe.shared_expert_gate:
         router += cfg.dim
-    dense = p.norms + _attention_split(cfg, tp, p.attention) + router + (p.mlp - router) // tp
+    dense = p.norms + _attention_split(cfg, kind_idx, tp, p.attention) + router + (p.mlp - router) // tp
     if mtp:  # enorm/hnorm/norm replicated, proj [D, 2D] split over tp
         dense -= 2 * cfg.dim * cfg.dim * (tp - 1) // tp
     experts = p.experts // ep
     return LayerSplit(dense, experts, p.active_experts // ep if ep > 1 else p.active_experts)
 
 
-def _per_token_layer_bytes(cfg: ModelConfig, moe: bool, a: int, tp: int, tp_sp: int) -> float:
-    d, r = cfg.dim, cfg.moe.top_k
+def _per_token_layer_bytes(cfg: ModelConfig, layer_idx: int, a: int, tp: int, tp_sp: int) -> float:
+    d, r, moe = cfg.dim, cfg.moe.top_k, cfg.is_moe_layer(layer_idx)
     norm = 8 * d / tp_sp + a * d
-    if cfg.attention == "mla":
+    if cfg.is_linear_attention_layer(layer_idx):
+        la = cfg.linear_attention
+        key, value = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+        # Saved per token: projections before and after the conv (q, k, v), z, beta and decay,
+        # the fp32 core output and the gated-norm input; the chunked form's per-chunk state is
+        # [Hv, dk, dv] every chunk_size tokens.
+        per_token = a * (2 * (2 * key + value) + 2 * value + 2 * la.num_value_heads) + 8 * value
+        state = 4 * la.num_value_heads * la.key_head_dim * la.value_head_dim / la.chunk_size
+        attention = (per_token + state) / tp
+    elif cfg.attention == "mla":
         m = cfg.mla
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         low_rank = m.q_lora_rank + m.kv_lora_rank
@@ -208,10 +222,7 @@ def estimate(cfg: JobConfig, dims: ParallelDims, device: str = "cuda") -> list[R
         layers = [i for s in ids for i in stages[s]]
         splits = [layer_split(m, i, tp, ep) for i in layers]
         # (block index, bytes per token it saves without checkpointing, its parameters here)
-        blocks = [
-            (i, _per_token_layer_bytes(m, m.is_moe_layer(i), a, tp, tp_sp), s.total)
-            for i, s in zip(layers, splits)
-        ]
+        blocks = [(i, _per_token_layer_bytes(m, i, a, tp, tp_sp), s.total) for i, s in zip(layers, splits)]
         first, last = 0 in ids, pp * v - 1 in ids
         extra, act = 0, 0.0
         if first:
@@ -223,7 +234,7 @@ def estimate(cfg: JobConfig, dims: ParallelDims, device: str = "cuda") -> list[R
             if m.mtp_depth:
                 mtp = layer_split(m, m.num_layers - 1, tp, ep, mtp=True)
                 splits += [mtp] * m.mtp_depth
-                mtp_block = _per_token_layer_bytes(m, m.is_moe_layer(m.num_layers - 1), a, tp, tp_sp)
+                mtp_block = _per_token_layer_bytes(m, m.num_layers - 1, a, tp, tp_sp)
                 blocks += [(m.num_layers + d, mtp_block, mtp.total) for d in range(m.mtp_depth)]
                 act += m.mtp_depth * (_head_bytes_per_token(m, a, tp_sp) + 2 * a * m.dim)
         checkpointed = [(b, n) for i, b, n in blocks if is_checkpointed(ac, i)]

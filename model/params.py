@@ -21,7 +21,8 @@ Conventions (they match how Mistral, Qwen, DeepSeek and Meta report their models
 - The architecture knobs count where they live: q/k/v biases (`qkv_bias`) and the gated
   attention's doubled `wq` (`attention_output_gate`) in attention, the projection-wide q/k norms
   (`qk_norm_scope=projection`) at their width, the shared-expert gate (D weights) with the shared
-  experts, which are always active.
+  experts, which are always active. Gated DeltaNet layers (`linear_attention`) count their own
+  mixer (`linear_attention_params`) in place of attention.
 """
 
 from __future__ import annotations
@@ -54,8 +55,20 @@ def _swiglu(dim: int, hidden: int) -> int:
     return 3 * dim * hidden  # w1 [F, D], w3 [F, D], w2 [D, F]
 
 
-def attention_params(cfg: ModelConfig) -> int:
+def linear_attention_params(cfg: ModelConfig) -> int:
+    """A Gated DeltaNet layer: q/k/v/z and beta/decay projections, depthwise convs over q, k, v,
+    A_log and dt_bias per value head, the gated output norm (one head's width) and `wo`."""
+    la, d = cfg.linear_attention, cfg.dim
+    key, value = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+    projections = d * (2 * key + 2 * value + 2 * la.num_value_heads) + value * d
+    return projections + (2 * key + value) * la.conv_kernel + 2 * la.num_value_heads + la.value_head_dim
+
+
+def attention_params(cfg: ModelConfig, layer_idx: int = 0) -> int:
+    """The token mixer of layer `layer_idx` (softmax attention or Gated DeltaNet)."""
     d = cfg.dim
+    if cfg.is_linear_attention_layer(layer_idx):
+        return linear_attention_params(cfg)
     if cfg.attention == "mla":
         m = cfg.mla
         qk_head = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -78,7 +91,7 @@ def attention_params(cfg: ModelConfig) -> int:
 
 def layer_params(cfg: ModelConfig, layer_idx: int) -> LayerParams:
     """Counts for block `layer_idx` (an MTP block uses the kind of the last layer)."""
-    d, norms, attn = cfg.dim, 2 * cfg.dim, attention_params(cfg)
+    d, norms, attn = cfg.dim, 2 * cfg.dim, attention_params(cfg, layer_idx)
     if not cfg.is_moe_layer(layer_idx):
         return LayerParams(norms, attn, _swiglu(d, cfg.ffn_hidden), 0, 0)
     moe = cfg.moe

@@ -7,7 +7,9 @@ where active_params counts the parameters one token touches (top_k routed + shar
 from `model.params.count_params`), the input embedding table is excluded (a lookup, not a matmul;
 with tied embeddings it is kept, because the output head multiplies by it), and attn_dim is the
 summed head size num_heads * head_dim (MLA: num_heads * mean(qk head dim, v head dim)). The
-attention term ignores causal masking, as the usual MFU numbers do. MTP modules are included only
+attention term ignores causal masking, as the usual MFU numbers do, and counts full-attention
+layers only: a Gated DeltaNet layer adds a term linear in the sequence (see
+`linear_attention_flops_per_token`). MTP modules are included only
 as far as `count_params` counts them.
 """
 
@@ -33,12 +35,24 @@ def attention_dim(cfg: ModelConfig) -> int:
     return cfg.num_heads * cfg.resolved_head_dim
 
 
+def linear_attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Gated DeltaNet's core (beyond its projections), forward + backward, per token: per value
+    head a state read and a state update (dk*dv multiply-adds each) and, within a chunk of C
+    tokens, q.k and (q.k).v against the chunk (C*(dk + dv)); 2 FLOPs per multiply-add, x3 for
+    the backward. Linear in the sequence length: no seq_len term."""
+    la = cfg.linear_attention
+    per_head = 2 * la.key_head_dim * la.value_head_dim + la.chunk_size * (la.key_head_dim + la.value_head_dim)
+    return 6.0 * la.num_value_heads * per_head
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     from model.params import count_params
 
     _, active = count_params(cfg)
     embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
-    return 6.0 * (active - embedding) + 12.0 * cfg.num_layers * seq_len * attention_dim(cfg)
+    linear = sum(cfg.is_linear_attention_layer(i) for i in range(cfg.num_layers))
+    mixing = 12.0 * (cfg.num_layers - linear) * seq_len * attention_dim(cfg)
+    return 6.0 * (active - embedding) + mixing + linear * linear_attention_flops_per_token(cfg)
 
 
 def peak_flops(device: torch.device) -> float | None:

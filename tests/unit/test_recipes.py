@@ -29,6 +29,7 @@ class Published:
     """How a lab counts and rounds its headline figures (`published_*_b` in the model YAML)."""
 
     active_input_embedding: bool = True  # does the lab's active count include the input table?
+    active_output_head: bool = True  # ... and the output head?
     total_tol: float = 0.01
     active_tol: float = 0.01
 
@@ -45,9 +46,9 @@ RECIPES: dict[str, Published | None] = {
     "deepseek_v3": Published(active_input_embedding=False),
     # Meta states "17B" (two digits); the published architecture gives 17.19B.
     "llama4_maverick": Published(active_tol=0.015),
-    # Standard GQA stands in for Gated DeltaNet (~0.64B fewer attention parameters), and "A3B" is
-    # a name: the real architecture's active count is ~3.9B with embeddings, ~3.25B without.
-    "qwen3_next_80b_a3b": Published(total_tol=0.05, active_tol=0.10),
+    # Qwen's "3B activated" leaves out both embedding tables (the card's "79B non-embedding" does
+    # too): 3.25B, stated with one significant digit; the total is 79.67B of "80B".
+    "qwen3_next_80b_a3b": Published(active_input_embedding=False, active_output_head=False, active_tol=0.09),
 }
 
 
@@ -84,6 +85,8 @@ def test_counts_match_published_figures(name):
     cfg, pub = load(name).model, RECIPES[name]
     assert cfg.published_total_b > 0 and cfg.published_active_b > 0, "state the published counts"
     total, active = count_params(cfg, active_input_embedding=pub.active_input_embedding)
+    if not pub.active_output_head:
+        active -= cfg.vocab_size * cfg.dim
     assert total / 1e9 == pytest.approx(cfg.published_total_b, rel=pub.total_tol)
     assert active / 1e9 == pytest.approx(cfg.published_active_b, rel=pub.active_tol)
 
