@@ -161,7 +161,8 @@ CASES: dict[str, Case] = {
     ),
     # Qwen/Qwen3-Next-80B-A3B: 512 experts top-10 renormalised, a gated shared expert as wide as
     # an expert, gated attention, partial RoPE 0.25, zero-centred norms, head_dim 256 = 2 x
-    # hidden/heads, theta 1e7. All layers full attention: Gated DeltaNet layers are refused.
+    # hidden/heads, theta 1e7; 3 Gated DeltaNet layers (16 q/k heads, 32 value heads of 128) per
+    # full-attention layer.
     "qwen3_next": Case(
         T.Qwen3NextConfig,
         T.Qwen3NextForCausalLM,
@@ -176,7 +177,14 @@ CASES: dict[str, Case] = {
             norm_topk_prob=True,
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            layer_types=["full_attention"] * TINY["num_hidden_layers"],
+            num_hidden_layers=4,
+            layer_types=None,  # transformers' default from full_attention_interval, as released
+            full_attention_interval=4,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
             rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
             router_aux_loss_coef=0.001,

@@ -20,6 +20,11 @@ from trainer.checkpoint.hf.families import FAMILIES, FUSED
 from trainer.checkpoint.hf.plan import ConversionPlan
 
 SEQ = 12
+# transformers runs Qwen3-Next's Gated DeltaNet core in fp32 whatever the model's dtype
+# (`torch_chunk_gated_delta_rule` casts to float32), so its fp64 gradients are fp32-accurate
+# there: they are compared at the fp32 tolerance. The logits still agree within 1e-5, and
+# tests/unit/test_gated_deltanet.py checks the layer itself in fp64.
+GRAD_ATOL = {"qwen3_next": 1e-4}
 
 
 class DictSource:
@@ -96,9 +101,10 @@ def test_import_matches_transformers(family: str, layout: str, tmp_path) -> None
     ref_grads = load_full(plan, source, torch.float64)
     our_grads = {n: p.grad for n, p in ours.named_parameters()}
     assert set(ref_grads) == set(our_grads) | {n for n, _ in ours.named_buffers() if n in ref_grads}
+    tol = GRAD_ATOL.get(family, 1e-5)
     for name, grad in our_grads.items():
         torch.testing.assert_close(
-            grad, ref_grads[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            grad, ref_grads[name], atol=tol, rtol=tol, msg=lambda m, n=name: f"{n}: {m}"
         )
 
 

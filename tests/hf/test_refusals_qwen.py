@@ -32,8 +32,12 @@ REFUSALS = [
     ("olmoe", {"attention_bias": True}, "attention_bias"),
     ("olmoe", {"sliding_window": 4096}, "sliding_window"),
     ("olmoe", {"head_dim": 16}, "head_dim"),
-    ("qwen3_next", {"layer_types": ["linear_attention", "full_attention", "full_attention"]}, "layer_types"),
-    ("qwen3_next", {"layer_types": None, "full_attention_interval": 4}, "full_attention_interval"),
+    # full attention at layers 1, 2, 3: not 'every n-th layer'
+    ("qwen3_next", {"layer_types": ["linear_attention"] + ["full_attention"] * 3}, "layer_types"),
+    ("qwen3_next", {"layer_types": ["full_attention"] * 3}, "layer_types"),  # 4 layers
+    ("qwen3_next", {"layer_types": ["linear_attention"] * 4}, "layer_types"),  # no full attention
+    ("qwen3_next", {"layer_types": None, "full_attention_interval": 0}, "full_attention_interval"),
+    ("qwen3_next", {"linear_num_value_heads": 3}, "linear_num_value_heads"),  # not a multiple of 2
     ("qwen3_next", {"attention_bias": True}, "attention_bias"),
     ("qwen3_next", {"use_sliding_window": True}, "use_sliding_window"),
     ("qwen3_next", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size"),
