@@ -23,6 +23,8 @@ The plan, per module (SP = sequence parallel; "seq" below is Shard(1) with SP, e
   only through its own heads, so its gradient is all-reduced by a hook (Megatron's "copy to
   tensor-parallel region"); the latent slice's gradient is already complete (all-reduced where
   it enters column-parallel `wkv_b`).
+- Gated DeltaNet (Qwen3-Next's linear attention): split by heads like GQA, see
+  `_gated_deltanet_plan`; its recurrence runs per head, so no collective inside.
 - dense FFN (SwiGLU): `w1`/`w3` column-parallel, `w2` row-parallel; same communication as
   attention (all-gather in, reduce-scatter out under SP; one all-reduce out without).
 - MoE: the router and the routed experts stay replicated over tp: every tp rank routes and
@@ -63,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -74,6 +76,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from model.config import ModelConfig
+from model.linear_attention import GatedDeltaNet
 from model.transformer import MTPModule, Transformer, TransformerBlock
 
 
@@ -119,10 +122,12 @@ def _parallelize_block(
     # modules and need a plain input.
     plan["attention"] = PrepareModuleInput(
         input_layouts=(seq, None, None), desired_input_layouts=(Replicate(), None, None), use_local_output=mla
-    )
+    )  # Gated DeltaNet: like GQA (every projection column-parallel from this input)
     plan["attention.wo"] = RowwiseParallel(output_layouts=seq)
     attention = block.attention
-    if mla:
+    if isinstance(attention, GatedDeltaNet):
+        plan.update(_gated_deltanet_plan(attention, tp_mesh))
+    elif mla:
         plan["attention.wq" if attention.wq is not None else "attention.wq_b"] = ColwiseParallel()
         plan["attention.wkv_b"] = ColwiseParallel()
         attention.wkv_a.register_forward_hook(_RopeKeyGradAllReduce.hook(attention.kv_lora_rank, tp_mesh))
@@ -160,6 +165,23 @@ def _parallelize_block(
         plan["feed_forward.w3"] = ColwiseParallel()
         plan["feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
     parallelize_module(block, tp_mesh, plan)
+
+
+def _gated_deltanet_plan(attention: GatedDeltaNet, tp_mesh: DeviceMesh) -> dict[str, object]:
+    """Heads split over ranks as in GQA: the q/k/v/z and beta/decay projections column-parallel
+    (whole heads: each rank holds num_key_heads / tp key heads and their value-head groups, so the
+    recurrence is local), `wo` row-parallel. The per-head parameters (the depthwise convs, A_log,
+    dt_bias) become Shard(0) DTensors that the module reads locally; the gated output norm (one
+    weight over a head's width, shared by all heads) is treated like the GQA q/k norms."""
+    for name in ("conv_q", "conv_k", "conv_v", "A_log", "dt_bias"):
+        param = getattr(attention, name)
+        sharded = distribute_tensor(param.data, tp_mesh, [Shard(0)], src_data_rank=None)
+        setattr(attention, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+    plan: dict[str, object] = {
+        f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv", "wz", "wb", "wa")
+    }
+    plan["attention.out_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def _parallelize_mtp(mtp: MTPModule, tp_mesh: DeviceMesh, cfg: ModelConfig, sequence_parallel: bool) -> None:

@@ -9,6 +9,9 @@ is defined over the micro-batches processed together by the dp ranks, so the ref
 counts from a forward-only pre-pass. Per-step losses must agree within 1e-5 relative and the
 parameters after step 1 within 1e-5; a deliberately wrong reduction group must be caught.
 
+A Qwen3-Next-shaped model (Gated DeltaNet and gated full-attention layers, zero-centred norms,
+partial RoPE, a gated shared expert) runs the same comparison at dp2 x ep2, tp2 and pp2.
+
 Layouts of one world size share one spawned job (process start-up dominates on 2 cores).
 """
 
@@ -24,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from data import Batch
 from model import Transformer
-from model.config import ModelConfig, MoEConfig
+from model.config import LinearAttentionConfig, ModelConfig, MoEConfig
 from model.moe import MoE
 from parallel.config import ParallelConfig
 from parallel.data_parallel import clip_grads_
@@ -76,9 +79,14 @@ LAYOUTS = {
     "tp2_dp2_ep2": Layout(dp=4, ep=2, tp=2),
 }
 CAPACITY = {"dropless": 0.0, "capacity": 1.0}
+QWEN3_NEXT_LAYOUTS = ("dp2_ep2", "tp2", "pp2_1f1b")  # dropless only
 
 
-def model_config(capacity_factor: float, aux_loss_scope: str = "global_batch") -> ModelConfig:
+def model_config(
+    capacity_factor: float, aux_loss_scope: str = "global_batch", arch: str = "moe"
+) -> ModelConfig:
+    if arch == "qwen3_next":
+        return qwen3_next_config()
     moe = MoEConfig(
         num_experts=4,
         top_k=2,
@@ -101,6 +109,46 @@ def model_config(capacity_factor: float, aux_loss_scope: str = "global_batch") -
         max_seq_len=SEQ,
         first_k_dense=1,
         init_std=0.1,
+        moe=moe,
+    )
+
+
+def qwen3_next_config() -> ModelConfig:
+    """Layers 0 and 2 Gated DeltaNet (two chunks of 8 per sequence), 1 and 3 gated attention; each
+    pipeline stage holds one of each; tp2 splits every kind of head in two."""
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        moe_ffn_hidden=16,
+        num_shared_experts=1,
+        shared_expert_gate=True,
+        aux_loss_coef=0.01,
+        aux_loss_scope="global_batch",
+        z_loss_coef=1e-3,
+    )
+    linear = LinearAttentionConfig(
+        full_attention_interval=2,
+        num_key_heads=2,
+        num_value_heads=4,
+        key_head_dim=8,
+        value_head_dim=8,
+        chunk_size=8,
+    )
+    return ModelConfig(
+        vocab_size=64,
+        dim=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        ffn_hidden=48,
+        max_seq_len=SEQ,
+        qk_norm=True,
+        attention_output_gate=True,
+        partial_rotary_factor=0.5,
+        norm_zero_centered=True,
+        init_std=0.1,
+        linear_attention=linear,
         moe=moe,
     )
 
@@ -132,10 +180,12 @@ def train_layouts(names: list[str]) -> dict:
             results[f"{name}-{cap_name}"] = train_layout(LAYOUTS[name], capacity)
         if name == WRONG_GROUP_CASE:
             results[f"{name}-wrong_group"] = train_layout(LAYOUTS[name], 0.0, counts_mesh="ep")
+        if name in QWEN3_NEXT_LAYOUTS:
+            results[f"{name}-qwen3_next"] = train_layout(LAYOUTS[name], 0.0, arch="qwen3_next")
     return results
 
 
-def train_layout(layout: Layout, capacity_factor: float, counts_mesh: str = "dp") -> dict:
+def train_layout(layout: Layout, capacity_factor: float, counts_mesh: str = "dp", arch: str = "moe") -> dict:
     dims = ParallelDims(dp=layout.dp, tp=layout.tp, pp=layout.pp, ep=layout.ep)
     meshes = build_meshes(dims, "cpu")
     pcfg = ParallelConfig(
@@ -149,7 +199,8 @@ def train_layout(layout: Layout, capacity_factor: float, counts_mesh: str = "dp"
         activation_checkpointing=layout.ac,
     )
     k = MICRO_BATCHES // layout.dp
-    pm = parallelize(model_config(capacity_factor), pcfg, dims, meshes, torch.device("cpu"), SEED, k)
+    cfg = model_config(capacity_factor, arch=arch)
+    pm = parallelize(cfg, pcfg, dims, meshes, torch.device("cpu"), SEED, k)
     if counts_mesh != "dp":  # a plausible-looking bug: counts summed over the wrong group
         group = getattr(meshes, counts_mesh).get_group()
         for moe in pm._moe:
@@ -183,9 +234,9 @@ def _summed(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 # ---- the single-process reference --------------------------------------------------------------
 
 
-def reference(dp: int, capacity_factor: float) -> dict:
+def reference(dp: int, capacity_factor: float, arch: str = "moe") -> dict:
     torch.manual_seed(0)
-    model = Transformer(model_config(capacity_factor))
+    model = Transformer(model_config(capacity_factor, arch=arch))
     model.init_weights(SEED)
     optimizer = build_optimizer(model, OPTIM)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
@@ -271,6 +322,17 @@ def test_layout_matches_single_process(layout_results, name, capacity):
     want = reference(LAYOUTS[name].dp, CAPACITY[capacity])
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
     assert got["params"].keys() == want["params"].keys()
+    for pname, value in want["params"].items():
+        torch.testing.assert_close(got["params"][pname], value, rtol=0, atol=1e-5, msg=pname)
+
+
+@pytest.mark.parametrize("name", QWEN3_NEXT_LAYOUTS)
+def test_qwen3_next_layout_matches_single_process(layout_results, name):
+    got = layout_results[f"{name}-qwen3_next"]
+    want = reference(LAYOUTS[name].dp, 0.0, arch="qwen3_next")
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=0)
+    assert got["params"].keys() == want["params"].keys()
+    assert any(".conv_q" in n for n in want["params"])  # the linear-attention layers are there
     for pname, value in want["params"].items():
         torch.testing.assert_close(got["params"][pname], value, rtol=0, atol=1e-5, msg=pname)
 
