@@ -47,7 +47,7 @@ def build(family: str, path: Path) -> None:
     # O(1) weights would make a 4096-way softmax start far from uniform; train from a sane scale.
     o1_init_(model, seed=0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(0.5)
     model.save_pretrained(path)
