@@ -134,6 +134,13 @@ def _check_attention_options(cfg: JobConfig) -> None:
 def _check_layer_kinds(cfg: JobConfig) -> None:
     """Which layers are Gated DeltaNet, NoPE, chunked or windowed, and the dense-layer list."""
     m, la = cfg.model, cfg.model.linear_attention
+    if m.rope_scaling.type != "none":  # the schema is in place; the model does not apply it yet
+        raise bad_value(
+            "model.rope_scaling.type",
+            m.rope_scaling.type,
+            "is not applied by the model yet (RoPE scaling is planned)",
+            "set model.rope_scaling.type=none",
+        )
     positive(
         m,
         "model",
