@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.layers import RMSNorm, apply_rope
+from model.layers import RMSNorm, apply_rope, softmax_scale_multiplier
 
 
 def causal_mask(seq_len: int, chunk_size: int, window: int, device: torch.device) -> torch.Tensor | None:
@@ -152,6 +152,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(mla.kv_lora_rank, cfg.norm_eps, cfg.norm_zero_centered)
         self.wkv_b = nn.Linear(mla.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(heads * self.v_dim, cfg.dim, bias=False)
+        # YaRN with mscale_all_dim (DeepSeek-V3) also sharpens the softmax.
+        self.scale = softmax_scale_multiplier(cfg.rope_scaling) / math.sqrt(qk_head_dim)
 
     @property
     def rotary_dim(self) -> int:
@@ -176,7 +178,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_BSHE.transpose(1, 2),
             v_BSHE.transpose(1, 2),
             is_causal=True,
-            scale=1.0 / math.sqrt(self.nope_dim + self.rope_dim),
+            scale=self.scale,
         )
         return self.wo(out_BHSE.transpose(1, 2).reshape(B, S, -1))
 

@@ -82,7 +82,7 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
         self.rotary_dim = cfg.rotary_dim  # MLA's rope head dim, or GQA's head_dim * partial factor
-        cos, sin = rope_tables(self.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(self.rotary_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -100,7 +100,9 @@ class Transformer(nn.Module):
                 # slice (no communication), so each layout starts from the single-process weights.
                 full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(full)
-        cos, sin = rope_tables(self.rotary_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(
+            self.rotary_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for moe in self.moe_layers():

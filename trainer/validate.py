@@ -8,6 +8,7 @@ opened, in `trainer/setup.py:build_data`.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -30,6 +31,7 @@ DEEPSPEED_ONEBIT = ("onebitadam", "zerooneadam", "onebitlamb")
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_FORMATS = ("parquet", "megatron")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 
 
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
@@ -131,16 +133,40 @@ def _check_attention_options(cfg: JobConfig) -> None:
         )
 
 
+def _check_rope_scaling(cfg: JobConfig) -> None:
+    """RoPE context extension (model/layers.py rope_tables): the fields its type reads."""
+    rs, where = cfg.model.rope_scaling, "model.rope_scaling"
+    one_of(f"{where}.type", rs.type, ROPE_SCALINGS)
+    if rs.type == "none":
+        return
+    if not (math.isfinite(rs.factor) and rs.factor >= 1.0):
+        raise bad_value(
+            f"{where}.factor", rs.factor, "must be finite and >= 1", "set the context extension factor"
+        )
+    positive(
+        rs, where, ("original_max_seq_len", "attention_factor", "mscale", "mscale_all_dim"), allow_zero=True
+    )
+    if rs.type == "llama3":
+        positive(rs, where, ("low_freq_factor",))
+        if not rs.high_freq_factor > rs.low_freq_factor:
+            raise bad_value(
+                f"{where}.high_freq_factor",
+                rs.high_freq_factor,
+                f"must be > low_freq_factor={rs.low_freq_factor}",
+                "raise high_freq_factor",
+            )
+    if rs.type == "yarn":
+        positive(rs, where, ("beta_slow",))
+        if not rs.beta_fast > rs.beta_slow:
+            raise bad_value(
+                f"{where}.beta_fast", rs.beta_fast, f"must be > beta_slow={rs.beta_slow}", "raise beta_fast"
+            )
+
+
 def _check_layer_kinds(cfg: JobConfig) -> None:
     """Which layers are Gated DeltaNet, NoPE, chunked or windowed, and the dense-layer list."""
     m, la = cfg.model, cfg.model.linear_attention
-    if m.rope_scaling.type != "none":  # the schema is in place; the model does not apply it yet
-        raise bad_value(
-            "model.rope_scaling.type",
-            m.rope_scaling.type,
-            "is not applied by the model yet (RoPE scaling is planned)",
-            "set model.rope_scaling.type=none",
-        )
+    _check_rope_scaling(cfg)
     positive(
         m,
         "model",

@@ -55,8 +55,8 @@ def drop(name):
 EXPERT0 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
 CASES_BAD = {
     "unknown model_type": (dict(config=set_field("model_type", "gpt_oss")), "model_type"),
-    "YaRN rope scaling": (
-        dict(config=set_field("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})),
+    "dynamic rope scaling": (
+        dict(config=set_field("rope_parameters", {"rope_type": "dynamic", "rope_theta": 1e6, "factor": 4.0})),
         "rope_parameters.rope_type",
     ),
     "sliding window not an integer": (dict(config=set_field("sliding_window", "wide")), "sliding_window"),

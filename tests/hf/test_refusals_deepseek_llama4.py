@@ -17,17 +17,19 @@ from trainer.checkpoint.hf.plan import plan_export, plan_import
 from trainer.errors import ConfigError
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "llama4_text")
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096}
-LLAMA3 = {
-    "rope_type": "llama3",
-    "rope_theta": 5e5,
-    "factor": 16.0,
+# RoPE scaling types moeforge does not apply, and a yarn block with a llama3 key.
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
+YARN_LLAMA3_KEY = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
     "low_freq_factor": 1.0,
-    "high_freq_factor": 1.0,
 }
+LONGROPE = {"rope_type": "longrope", "rope_theta": 5e5, "short_factor": [1.0], "long_factor": [4.0]}
 # (family, config.json edits (None = delete the field), the field the error must name)
 REFUSALS = [
-    ("deepseek_v2", {"rope_parameters": YARN}, "rope_parameters.rope_type"),
+    ("deepseek_v2", {"rope_parameters": DYNAMIC}, "rope_parameters.rope_type"),
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method"),
     ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func"),
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob"),  # transformers ignores it
@@ -41,7 +43,7 @@ REFUSALS = [
     ("deepseek_v2", {"q_lora_rank": None}, "q_lora_rank"),  # absent: transformers builds rank 1536
     ("deepseek_v2", {"n_shared_experts": 0}, "n_shared_experts"),
     ("deepseek_v2", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
-    ("deepseek_v3", {"rope_parameters": YARN}, "rope_parameters.rope_type"),
+    ("deepseek_v3", {"rope_parameters": YARN_LLAMA3_KEY}, "rope_parameters.low_freq_factor"),
     ("deepseek_v3", {"topk_method": "greedy"}, "topk_method"),  # transformers routes noaux_tc anyway
     ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
@@ -51,7 +53,7 @@ REFUSALS = [
     ("llama4_text", {"no_rope_layers": [1, 1]}, "no_rope_layers"),  # fewer entries than layers
     ("llama4_text", {"layer_types": ["chunked_attention"] * 4}, "layer_types"),  # NoPE layer chunked
     ("llama4_text", {"layer_types": ["sliding_attention"] * 4}, "layer_types"),
-    ("llama4_text", {"rope_parameters": LLAMA3}, "rope_parameters.rope_type"),
+    ("llama4_text", {"rope_parameters": LONGROPE}, "rope_parameters.rope_type"),
     ("llama4_text", {"attention_bias": True}, "attention_bias"),
     ("llama4_text", {"moe_layers": [0, 9]}, "moe_layers"),  # past the last layer
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from model.config import RopeScalingConfig
 from trainer.checkpoint.hf.safetensors_io import conversion_error
 
 # Fields every transformers config carries that do not change what the weights compute.
@@ -18,6 +19,14 @@ NO_EFFECT = frozenset(
         "pretraining_tp", "use_return_dict", "num_labels",
     }
 )  # fmt: skip
+# transformers' rope_parameters keys -> RopeScalingConfig fields, per RoPE scaling type.
+_ORIGINAL = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len"}
+ROPE_SCALING_KEYS = {
+    "linear": {"factor": "factor"},
+    "llama3": {**_ORIGINAL, "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor"},
+    "yarn": {**_ORIGINAL, **{k: k for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim")}}
+    | {k: k for k in ("attention_factor", "truncate")},
+}
 _MISSING = object()
 
 
@@ -66,26 +75,49 @@ class HFConfig:
         """Fields with no effect on the forward pass (training-only or inference-only)."""
         self.used.update(keys)
 
-    def rope(self, default_theta: float) -> tuple[float, float]:
-        """(RoPE base, partial rotary factor) from `rope_parameters` (transformers 5) or the older
-        `rope_theta` + `rope_scaling`. Only plain RoPE: YaRN, llama3, linear or dynamic scaling
-        are refused."""
+    def rope(self, default_theta: float) -> tuple[float, float, RopeScalingConfig]:
+        """(RoPE base, partial rotary factor, scaling) from `rope_parameters` (transformers 5) or the
+        older `rope_theta` + `rope_scaling`. Linear, llama3 and yarn scaling are read; dynamic,
+        longrope and other types are refused."""
         params = self.get("rope_parameters", None) or {}
-        scaling = self.get("rope_scaling", None) or {}
-        for where, block in (("rope_parameters", params), ("rope_scaling", scaling)):
-            kind = block.get("rope_type", block.get("type", "default"))
-            if kind != "default":
-                raise self.error(
-                    f"{where}.rope_type",
-                    f"={kind!r} (RoPE scaling) cannot be expressed in moeforge yet: only plain RoPE is "
-                    "supported; nothing was written",
-                )
-        unknown = set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+        legacy = self.get("rope_scaling", None) or {}
+        clash = sorted(k for k in set(params) & set(legacy) if params[k] != legacy[k])
+        if clash:
+            raise self.error(f"rope_scaling.{clash[0]}", f"disagrees with rope_parameters.{clash[0]}")
+        block = {**legacy, **params}
+        kind = block.get("rope_type", block.get("type", "default"))
+        if kind not in ("default", *ROPE_SCALING_KEYS):
+            raise self.error(
+                "rope_parameters.rope_type",
+                f"={kind!r} (RoPE scaling) cannot be expressed in moeforge: only default, linear, llama3 "
+                "and yarn are supported; nothing was written",
+            )
+        keys = ROPE_SCALING_KEYS.get(kind, {})
+        unknown = set(block) - {"rope_type", "type", "rope_theta", "partial_rotary_factor", *keys}
         if unknown:
-            raise self.error(f"rope_parameters.{sorted(unknown)[0]}", "is not understood by moeforge")
-        theta = float(params.get("rope_theta", self.get("rope_theta", default_theta)))
-        partial = float(params.get("partial_rotary_factor", self.get("partial_rotary_factor", 1.0)))
-        return theta, partial
+            raise self.error(f"rope_parameters.{sorted(unknown)[0]}", f"is not understood for {kind} RoPE")
+        theta = float(block.get("rope_theta", self.get("rope_theta", default_theta)))
+        partial = float(block.get("partial_rotary_factor", self.get("partial_rotary_factor", 1.0)))
+        if kind == "default":
+            return theta, partial, RopeScalingConfig()
+        fields = {ours: block[hf] for hf, ours in keys.items() if block.get(hf) is not None}
+        if kind != "linear" and "original_max_seq_len" not in fields:
+            raise self.error("rope_parameters.original_max_position_embeddings", f"missing; {kind} needs it")
+        original = fields.get("original_max_seq_len", 0)
+        if isinstance(original, bool) or not float(original).is_integer():
+            raise self.error(
+                "rope_parameters.original_max_position_embeddings", f"={original!r} must be an integer"
+            )
+        fields["original_max_seq_len"] = int(original)
+        if "factor" not in fields and kind == "yarn":  # transformers: the context's growth
+            fields["factor"] = self.get_int("max_position_embeddings") / fields["original_max_seq_len"]
+        if "factor" not in fields:
+            raise self.error("rope_parameters.factor", f"missing; {kind} needs it")
+        if kind == "yarn":  # transformers treats 0 as unset here
+            fields.update(beta_fast=fields.get("beta_fast") or 32.0, beta_slow=fields.get("beta_slow") or 1.0)
+            if fields.get("attention_factor", 1.0) <= 0:  # ours: 0 = derived
+                raise self.error("rope_parameters.attention_factor", "must be > 0")
+        return theta, partial, RopeScalingConfig(type=kind, **fields)
 
     def finish(self) -> None:
         unread = sorted(set(self.raw) - self.used)

@@ -9,10 +9,11 @@ nothing here changes what a weight means except by the exact rules of a `Link`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 from model.config import ModelConfig, MoEConfig
-from trainer.checkpoint.hf.hf_config import HFConfig
+from trainer.checkpoint.hf.hf_config import ROPE_SCALING_KEYS, HFConfig
 from trainer.checkpoint.hf.mapping import Link
 from trainer.checkpoint.hf.safetensors_io import conversion_error
 
@@ -182,7 +183,7 @@ def common_config(hf: HFConfig, default_theta: float) -> dict[str, Any]:
     hf.expect("hidden_act", ("silu",), "experts and MLPs are SwiGLU")
     hf.expect("attention_dropout", (0, 0.0), "moeforge has no attention dropout")
     hf.expect("mlp_bias", (False,), "linear layers have no bias")
-    theta, partial = hf.rope(default_theta)
+    theta, partial, scaling = hf.rope(default_theta)
     kwargs = dict(
         vocab_size=hf.get_int("vocab_size"),
         dim=hf.get_int("hidden_size"),
@@ -192,6 +193,7 @@ def common_config(hf: HFConfig, default_theta: float) -> dict[str, Any]:
         head_dim=hf.get_int("head_dim", 0),
         max_seq_len=hf.get_int("max_position_embeddings"),
         rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=float(hf.get("rms_norm_eps")),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
@@ -204,6 +206,7 @@ def common_config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.partial_rotary_factor != 1.0:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+    rope.update(rope_scaling_to_hf(cfg))
     return {
         "architectures": [family.architecture],
         "model_type": family.model_type,
@@ -220,6 +223,20 @@ def common_config_to_hf(cfg: ModelConfig, family: Family) -> dict[str, Any]:
         "hidden_act": "silu",
         "attention_dropout": 0.0,
     }
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` entries of cfg.rope_scaling (the inverse of HFConfig.rope)."""
+    rs = cfg.rope_scaling
+    if rs.type == "none":
+        return {}
+    original = rs.original_max_seq_len or cfg.max_seq_len / rs.factor
+    values = {
+        **asdict(rs),
+        "original_max_seq_len": int(original) if float(original).is_integer() else original,
+    }
+    out = {hf: values[ours] for hf, ours in ROPE_SCALING_KEYS[rs.type].items()}
+    return {"rope_type": rs.type, **{k: v for k, v in out.items() if k != "attention_factor" or v}}
 
 
 # ---- link helpers (our key names are model/'s; HF names are Llama-style) -----------------------
