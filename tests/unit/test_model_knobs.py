@@ -466,7 +466,7 @@ BAD_CONFIGS = [
     (1, ["model.partial_rotary_factor=quarter"], "model.partial_rotary_factor"),
     (2, ["parallel.tp=2", "model.qk_norm=true", "model.qk_norm_scope=projection"], "model.qk_norm_scope"),
     (1, ["model.nope_layer_interval=-1"], "model.nope_layer_interval"),
-    (1, ["model.rope_scaling.type=yarn"], "model.rope_scaling.type"),  # not applied yet: refused
+    (1, ["model.rope_scaling.type=dynamic"], "model.rope_scaling.type"),  # not supported: refused
     (1, ["model.attention_chunk_size=-8"], "model.attention_chunk_size"),
     (1, ["model.sliding_window=-1"], "model.sliding_window"),
     (1, ["model.clip_qkv=-1.0"], "model.clip_qkv"),
