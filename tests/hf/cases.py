@@ -4,6 +4,7 @@ config keyword arguments."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,42 +60,6 @@ CASES: dict[str, Case] = {
             max_position_embeddings=256,
         ),
     ),
-    # Mixtral's config carries `sliding_window` (null in the releases; Mistral-7B used 4096):
-    # on, shrunk below the test's 12 tokens.
-    "mixtral_sliding_window": Case(
-        T.MixtralConfig,
-        T.MixtralForCausalLM,
-        dict(
-            TINY,
-            intermediate_size=48,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            sliding_window=5,
-            max_position_embeddings=256,
-        ),
-    ),
-    # Qwen3-MoE with dense layers that are not a 'first k, then every n-th' pattern.
-    "qwen3_moe_mlp_only_layers": Case(
-        T.Qwen3MoeConfig,
-        T.Qwen3MoeForCausalLM,
-        dict(
-            TINY,
-            num_hidden_layers=4,
-            head_dim=16,
-            intermediate_size=48,
-            moe_intermediate_size=16,
-            num_experts=16,
-            num_experts_per_tok=8,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[1, 3],
-            rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            max_position_embeddings=256,
-        ),
-    ),
     # Qwen/Qwen1.5-MoE-A2.7B: 60 experts top-4 not renormalised, a gated shared expert 4x an
     # expert's width (5632 = 4 x 1408), q/k/v biases, MHA (16 kv heads of 16), theta 1e6.
     "qwen2_moe": Case(
@@ -134,26 +99,6 @@ CASES: dict[str, Case] = {
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             router_aux_loss_coef=0.01,
-            max_position_embeddings=256,
-            pad_token_id=None,
-            eos_token_id=None,
-        ),
-    ),
-    # OLMoE with `clip_qkv` on (OLMo's earlier models clipped at 8; O(1) activations here need a
-    # smaller bound to clip anything).
-    "olmoe_clip_qkv": Case(
-        T.OlmoeConfig,
-        T.OlmoeForCausalLM,
-        dict(
-            TINY,
-            num_key_value_heads=4,
-            intermediate_size=16,
-            num_experts=16,
-            num_experts_per_tok=8,
-            norm_topk_prob=False,
-            clip_qkv=1.5,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             max_position_embeddings=256,
             pad_token_id=None,
             eos_token_id=None,
@@ -313,30 +258,21 @@ CASES: dict[str, Case] = {
             max_position_embeddings=256,
         ),
     ),
-    # meta-llama/Llama-4-Scout-17B-16E: as Maverick, but 16 experts, every layer MoE, and the
-    # weightless L2 qk norm on the RoPE layers.
-    "llama4_scout": Case(
-        T.Llama4TextConfig,
-        T.Llama4ForCausalLM,
-        dict(
-            TINY,
-            num_hidden_layers=4,
-            head_dim=8,
-            intermediate_size=16,
-            intermediate_size_mlp=32,
-            num_local_experts=16,
-            num_experts_per_tok=1,
-            interleave_moe_layer_step=1,
-            no_rope_layers=None,
-            use_qk_norm=True,
-            attention_chunk_size=5,
-            attn_temperature_tuning=True,
-            floor_scale=4,
-            attn_scale=0.1,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            router_aux_loss_coef=0.001,
-            max_position_embeddings=256,
-        ),
-    ),
 }
+
+
+def variant(base: str, **changes: Any) -> Case:
+    """A released config with one knob changed, to test that knob where the release leaves it off."""
+    return dataclasses.replace(CASES[base], kwargs={**CASES[base].kwargs, **changes})
+
+
+# Mixtral's config carries `sliding_window` (null in the releases; Mistral-7B used 4096): on,
+# shrunk below the test's 12 tokens.
+CASES["mixtral_sliding_window"] = variant("mixtral", sliding_window=5)
+# Qwen3-MoE with dense layers that are not a 'first k, then every n-th' pattern.
+CASES["qwen3_moe_mlp_only_layers"] = variant("qwen3_moe", num_hidden_layers=4, mlp_only_layers=[1, 3])
+# OLMoE with `clip_qkv` on (O(1) activations need a small bound to clip anything).
+CASES["olmoe_clip_qkv"] = variant("olmoe", clip_qkv=1.5)
+# meta-llama/Llama-4-Scout-17B-16E: as Maverick, but every layer MoE and the weightless L2 qk
+# norm on the RoPE layers.
+CASES["llama4_scout"] = variant("llama4_text", interleave_moe_layer_step=1, use_qk_norm=True)
