@@ -146,6 +146,14 @@ def _check_rope_scaling(cfg: JobConfig) -> None:
     positive(
         rs, where, ("original_max_seq_len", "attention_factor", "mscale", "mscale_all_dim"), allow_zero=True
     )
+    if rs.type != "linear" and not rs.original_max_seq_len and not (cfg.model.max_seq_len / rs.factor).is_integer():
+        # The pretraining context defaults to max_seq_len / factor; a fraction has no HF equivalent.
+        raise bad_value(
+            f"{where}.original_max_seq_len",
+            rs.original_max_seq_len,
+            f"defaults to model.max_seq_len / factor = {cfg.model.max_seq_len / rs.factor:g}, not a whole context",
+            "set original_max_seq_len to the pretraining context length",
+        )
     if rs.type == "llama3":
         positive(rs, where, ("low_freq_factor",))
         if not rs.high_freq_factor > rs.low_freq_factor:

@@ -467,6 +467,11 @@ BAD_CONFIGS = [
     (2, ["parallel.tp=2", "model.qk_norm=true", "model.qk_norm_scope=projection"], "model.qk_norm_scope"),
     (1, ["model.nope_layer_interval=-1"], "model.nope_layer_interval"),
     (1, ["model.rope_scaling.type=dynamic"], "model.rope_scaling.type"),  # not supported: refused
+    (  # the default max_seq_len 512 / 3 is no whole pretraining context, and none is given
+        1,
+        ["model.rope_scaling.type=yarn", "model.rope_scaling.factor=3.0"],
+        "model.rope_scaling.original_max_seq_len",
+    ),
     (1, ["model.attention_chunk_size=-8"], "model.attention_chunk_size"),
     (1, ["model.sliding_window=-1"], "model.sliding_window"),
     (1, ["model.clip_qkv=-1.0"], "model.clip_qkv"),

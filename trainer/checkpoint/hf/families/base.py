@@ -231,10 +231,11 @@ def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if rs.type == "none":
         return {}
     original = rs.original_max_seq_len or cfg.max_seq_len / rs.factor
-    values = {
-        **asdict(rs),
-        "original_max_seq_len": int(original) if float(original).is_integer() else original,
-    }
+    if not float(original).is_integer():  # validation refuses this config; a caller may not have run it
+        raise conversion_error(
+            "model.rope_scaling.original_max_seq_len", f"max_seq_len / factor = {original:g} is not a whole context"
+        )
+    values = {**asdict(rs), "original_max_seq_len": int(original)}
     out = {hf: values[ours] for hf, ours in ROPE_SCALING_KEYS[rs.type].items()}
     return {"rope_type": rs.type, **{k: v for k, v in out.items() if k != "attention_factor" or v}}
 
