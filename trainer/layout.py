@@ -9,7 +9,7 @@ from parallel.activation_checkpoint import AC_MODES
 from parallel.dims import ParallelDims
 from trainer.config import JobConfig
 from trainer.errors import bad_value
-from trainer.validate_helpers import divides, fraction, one_of, positive
+from trainer.validate_helpers import divides, one_of
 
 BACKENDS = ("auto", "gloo", "nccl")
 DP_ENGINES = ("fsdp", "ddp")
@@ -36,10 +36,9 @@ def num_microbatches(cfg: JobConfig, dp_size: int) -> int:
 def check_layout(cfg: JobConfig, world_size: int) -> None:
     """Raise `ConfigError` if the layout cannot be built from `world_size` ranks."""
     p, m = cfg.parallel, cfg.model
-    positive(p, "parallel", ("tp", "pp", "ep"))
     one_of("parallel.backend", p.backend, BACKENDS)
     one_of("parallel.activation_checkpointing", p.activation_checkpointing, AC_MODES)
-    if p.dp == 0 or p.dp < -1:
+    if p.dp == 0:  # < -1 is refused by the field table (trainer/validate_fields.py)
         raise bad_value("parallel.dp", p.dp, "must be >= 1 or -1 (the rest of the world size)", "set dp=-1")
     if world_size % (p.tp * p.pp):
         raise bad_value(
@@ -82,7 +81,6 @@ def _check_pipeline(cfg: JobConfig, world_size: int) -> None:
 
     p, m = cfg.parallel, cfg.model
     one_of("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
-    positive(p, "parallel", ("pp_stages_per_rank",))
     if p.pp_schedule in SINGLE_STAGE_SCHEDULES and p.pp_stages_per_rank != 1:
         raise bad_value(
             "parallel.pp_stages_per_rank",
@@ -182,9 +180,6 @@ def _check_compression(cfg: JobConfig) -> None:
 
     p, c = cfg.parallel, cfg.parallel.compression
     one_of("parallel.compression.kind", c.kind, tuple(COMPRESSORS))
-    positive(c, "parallel.compression", ("warmup_steps", "threshold"), allow_zero=True)
-    positive(c, "parallel.compression", ("rank", "chunk_size"))
-    fraction("parallel.compression.topk_ratio", c.topk_ratio, low_open=True)
     one_of("parallel.compression.factor_bits", str(c.factor_bits), ("8", "32"))
     one_of("parallel.compression.second_moment", c.second_moment, ("compressed", "factored"))
     if c.second_moment == "factored" and (c.kind == "none" or p.engine == "deepspeed"):

@@ -3,17 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from trainer.errors import bad_value
-
-
-def positive(obj: object, prefix: str, names: Iterable[str], allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0 or (value == 0 and not allow_zero):
-            need = ">= 0" if allow_zero else "> 0"
-            raise bad_value(f"{prefix}.{name}", value, f"must be {need}", f"set a value {need}")
 
 
 def one_of(field: str, value: str, choices: tuple[str, ...]) -> None:

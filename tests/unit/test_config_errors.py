@@ -150,3 +150,40 @@ def test_cli_config_error_is_one_line_exit_2(arg: str, field: str, tmp_path: Pat
     assert lines[0].startswith("moeforge: config error: ") and field in lines[0]
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     assert not (tmp_path / "run").exists()  # failed before Hydra made the run directory
+
+
+def test_every_numeric_field_has_a_range() -> None:
+    """A new int/float config field must get a row in the table, or it would skip validation."""
+    from data.config import DataSourceConfig
+    from trainer.validate_fields import FIELD_RANGES, numeric_fields
+
+    job = load_config([])
+    # Fill the optional and list fields so that the walk sees them.
+    job.data.sources = [DataSourceConfig(path="x")]
+    job.cluster.cpus_per_gpu = 4
+    job.model.mlp_only_layers, job.parallel.pp_layers_per_stage = [0], [2, 2]
+    keys = {key for key, _, _ in numeric_fields(job)}
+    assert keys == set(FIELD_RANGES), sorted(keys ^ set(FIELD_RANGES))
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.weight_decay=-inf", "optim.weight_decay"),
+        ("model.moe.aux_loss_coef=nan", "model.moe.aux_loss_coef"),
+        ("fault.collective_timeout_s=inf", "fault.collective_timeout_s"),
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=4294967296", "train.seed"),
+        ("cluster.nodes=0", "cluster.nodes"),
+        ("cluster.rdzv_port=70000", "cluster.rdzv_port"),
+        ("cluster.gpu_memory_gb=nan", "cluster.gpu_memory_gb"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("parallel.dp=-3", "parallel.dp"),
+    ],
+)
+def test_field_table_refuses(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert str(err.value).startswith(field) and "\n" not in str(err.value), str(err.value)
