@@ -13,6 +13,7 @@ never reads them and validation reads only them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def _resolve_sources(cfg: DataConfig) -> list[DataSourceConfig]:
             raise DataError(f"data: sources[{i}].format is {src.format!r}; use 'parquet' or 'megatron'")
         if not src.path:
             raise DataError(f"data: sources[{i}].path is empty; give a prepared dir or a Megatron prefix")
-        if not src.weight > 0:
-            raise DataError(f"data: sources[{i}] ({src.path}) has weight {src.weight}; weights must be > 0")
+        if not isinstance(src.weight, (int, float)) or not 0 < src.weight < math.inf:
+            raise DataError(
+                f"data: sources[{i}] ({src.path}) has weight {src.weight}; weights must be finite and > 0"
+            )
     return list(cfg.sources)
 
 
