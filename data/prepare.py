@@ -14,9 +14,10 @@ Each input file is one document. Writes DIR/tokenizer.json (and, from an existin
 its other files: tokenizer_config.json, ...), DIR/train/shard-00000.parquet ...,
 DIR/val/shard-00000.parquet ... (one row per document, column `tokens`: list<int32>, no EOD or
 other special token inside; readers insert the EOD) and DIR/metadata.json (vocab_size, eod_token,
-eod_id, tokenizer_files, splits, sources). Everything is built in DIR.tmp-<pid> and renamed into
-place at the end, so a dataset dir that exists is a complete one; a bad tokenizer or input is
-reported before anything is written.
+eod_id, tokenizer_files, splits with each shard's min/max_token_id, sources). Everything is
+built in DIR.tmp-<pid> and renamed into place at the end, so a dataset dir that exists is a
+complete one; a bad tokenizer or input is reported before anything is written, and any failure
+(an unwritable --output, a full disk) is one line on stderr, exit code 2, with nothing left behind.
 
 `ensure_default_corpus(cfg)` prepares the embedded default corpus (the running interpreter's
 standard library) into cfg.cache_dir once, safely when several ranks call it at the same time.
@@ -35,6 +36,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +50,8 @@ from data.tokenizer import EOD_TOKEN, copy_tokenizer_files, load_tokenizer, toke
 
 DEFAULT_VOCAB_SIZE = DataConfig.tokenizer_vocab_size  # --vocab-size when neither it nor --tokenizer is given
 SHARD_TOKENS = 1 << 20  # ~4 MB of int32 per shard: a few shards for the default corpus
+# A byte-level BPE holds the 256 byte tokens plus <|eod|>; BpeTrainer silently grows a smaller vocab.
+MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + 1
 ENCODE_BATCH = 256  # documents per encode_batch call: parallel, yet memory stays bounded
 # Left out of the default corpus to keep the quickstart fast (these are ~half the stdlib's source).
 _EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter"}
@@ -79,8 +83,15 @@ def ensure_default_corpus(cfg: DataConfig) -> Path:
     out = default_corpus_dir(cfg)
     if (out / "metadata.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "w") as lock:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f"{out.name}.lock", "w")
+    except OSError as e:
+        raise DataError(
+            f"data: cannot create the default corpus cache in {out.parent} ({e.strerror or e}); "
+            "set data.cache_dir to a writable directory"
+        ) from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if not (out / "metadata.json").exists():
             # Left by a preparer that was killed; we hold the lock, so nobody is writing them.
@@ -146,7 +157,8 @@ class _ShardWriter:
             return
         offsets = np.zeros(len(self.docs) + 1, dtype=np.int32)
         np.cumsum([len(d) for d in self.docs], out=offsets[1:])
-        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self.docs), pa.int32()))
+        flat = np.concatenate(self.docs)
+        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
         name = f"shard-{len(self.shards):05d}.parquet"
         pq.write_table(pa.table({"tokens": tokens}), self.dir / name)
         self.shards.append(
@@ -155,6 +167,9 @@ class _ShardWriter:
                 "bytes": (self.dir / name).stat().st_size,
                 "num_docs": len(self.docs),
                 "num_tokens": int(offsets[-1]),
+                # Readers check these against the vocab on open (null: a shard of empty documents).
+                "min_token_id": int(flat.min()) if len(flat) else None,
+                "max_token_id": int(flat.max()) if len(flat) else None,
             }
         )
         self.docs = []
@@ -171,6 +186,55 @@ class _ShardWriter:
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _check_vocab_size(vocab_size: int | None, output: Path) -> None:
+    if vocab_size is None:
+        raise DataError(
+            f"data: no vocab size for the tokenizer of {output}; pass --vocab-size or --tokenizer"
+        )
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"data: vocab size {vocab_size} for the tokenizer of {output} is too small: a byte-level BPE needs "
+            f"at least {MIN_VOCAB_SIZE} (256 byte tokens + {EOD_TOKEN}); pass --vocab-size {MIN_VOCAB_SIZE} or "
+            "more (data.tokenizer_vocab_size for the default corpus)"
+        )
+
+
+def _make_dir(tmp: Path, output: Path) -> list[Path]:
+    """Create `tmp` (and its missing parents, which are returned, deepest first, for cleanup)."""
+    missing, ancestor = [], tmp.parent
+    while not ancestor.exists():
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DataError(
+            f"data: --output {output}: {ancestor} is a file, not a directory; choose another --output"
+        )
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        _remove_dirs(missing)
+        raise DataError(
+            f"data: --output {output} cannot be created ({e.strerror or e}: {e.filename or ancestor}); "
+            "choose a writable --output"
+        ) from None
+    return missing
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first; only the empty ones we made
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    try:
+        tok.save(str(path))
+    except Exception as e:  # tokenizers raises plain Exception on an I/O error
+        raise OSError(f"cannot write {path}: {e}") from None
 
 
 def prepare(
@@ -197,10 +261,8 @@ def prepare(
         raise DataError(f"data: output {output} already exists; delete it or choose another --output")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data: val_fraction must be in [0, 1), got {val_fraction}")
-    if tokenizer is None and not vocab_size:
-        raise DataError(
-            f"data: no vocab size for the tokenizer of {output}; pass --vocab-size or --tokenizer"
-        )
+    if tokenizer is None:
+        _check_vocab_size(vocab_size, output)
     existing = load_tokenizer(tokenizer, eod_token) if tokenizer is not None else None
     files = sorted(Path(f).resolve() for f in files)
     root = Path(os.path.commonpath([f.parent for f in files]))
@@ -213,17 +275,17 @@ def prepare(
 
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    made = _make_dir(tmp, output)
     try:
         if existing is not None:
             tok, eod, eod_id = existing.tokenizer, existing.eod_token, existing.eod_id
             tokenizer_files = copy_tokenizer_files(tokenizer, tmp)
             if existing.converted:  # from a sentencepiece model: the tokenizer.json we read is ours
-                tok.save(str(tmp / "tokenizer.json"))
+                _save_tokenizer(tok, tmp / "tokenizer.json")
                 tokenizer_files.insert(0, "tokenizer.json")
         else:
             tok = train_tokenizer([f for f, s in zip(files, splits) if s == "train"], vocab_size)
-            tok.save(str(tmp / "tokenizer.json"))
+            _save_tokenizer(tok, tmp / "tokenizer.json")
             tokenizer_files, eod, eod_id = ["tokenizer.json"], EOD_TOKEN, tok.token_to_id(EOD_TOKEN)
         writers = {s: _ShardWriter(tmp / s, shard_tokens) for s in ("train", "val")}
         for batch in _batches(list(zip(files, splits)), ENCODE_BATCH):
@@ -254,14 +316,28 @@ def prepare(
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.rename(tmp, output)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_dirs(made)
+        if isinstance(e, OSError):  # disk full, permissions changed underneath, output appeared meanwhile...
+            where = f": {e.filename}" if e.filename else ""
+            raise DataError(
+                f"data: preparing --output {output} failed ({e.strerror or e}{where}); nothing was written, "
+                "fix that and re-run"
+            ) from None
         raise
     return meta
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--input", action="append", required=True, help="glob of text files (** recurses); repeatable"
     )
