@@ -40,7 +40,8 @@ from trainer.compose import compose_config, to_job_config
 from trainer.config import JobConfig
 from trainer.errors import ConfigError
 from trainer.layout import num_microbatches, parallel_dims
-from trainer.validate import validate
+from trainer.validate import check_cluster, validate
+from trainer.validate_fields import check_fields
 
 RECOMPUTE_ORDER = {"none": 0, "selective": 1, "full": 2}  # cheapest first
 
@@ -198,6 +199,8 @@ def plan(argv: Sequence[str]) -> int:
     overrides, _ = split_overrides(argv)
     try:
         job = to_job_config(compose_config(argv))
+        check_fields(job)  # the full validation needs the layout, which --suggest may choose
+        check_cluster(job)
     except ConfigError as e:
         return _refuse(f"config error: {e}")
     ws = world_size(job.cluster)

@@ -11,6 +11,8 @@ at the allocation's first node. `cluster.*` configure the job; every other overr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +34,18 @@ def main(argv: list[str]) -> int:
         return 2
     script = sbatch_script(job, split_overrides(args.overrides)[0])
     if args.output:
-        args.output.write_text(script)
+        tmp = args.output.with_name(args.output.name + ".tmp")
+        try:
+            tmp.write_text(script)
+            os.replace(tmp, args.output)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            print(
+                f"moeforge: --output {args.output}: cannot write it ({e.strerror}); choose another path",
+                file=sys.stderr,
+            )
+            return 2
         print(f"wrote {args.output}: sbatch {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(script)

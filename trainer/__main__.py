@@ -30,6 +30,7 @@ from trainer.compose import compose_config, config_error, to_job_config
 from trainer.config import register_configs
 from trainer.errors import ConfigError
 from trainer.fault import PG_TIMEOUT_MARGIN_S, FaultError
+from trainer.preflight import acquire_run_lock, check_machine
 from trainer.validate import validate
 
 EXIT_CONFIG = 2
@@ -86,6 +87,8 @@ def precheck(argv: list[str]) -> None:
     slurm = any(ov.key_or_group == "hydra/launcher" and "slurm" in str(ov.value()) for ov in parsed)
     world_size = job.cluster.nodes * job.cluster.gpus_per_node if slurm else _world_size()
     validate(job, world_size)
+    if not (slurm or args.multirun):  # those jobs run elsewhere, each in its own run.dir
+        check_machine(job, world_size)
 
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
@@ -106,12 +109,30 @@ def run(cfg: DictConfig) -> None:
         timeout_s = job.fault.collective_timeout_s + PG_TIMEOUT_MARGIN_S
         meshes = init_distributed(dims, job.parallel.backend, timeout_s) if dims.distributed else None
         try:
+            lock = hold_run_dir(job.run.dir)  # noqa: F841 - held until the process exits
             Trainer(job, dims, meshes).train()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     except (ConfigError, DataError, FaultError) as e:
         _fail(e)
+
+
+def hold_run_dir(run_dir: str):
+    """Rank 0 takes the run directory's lock; every rank fails alike if another job holds it."""
+    import torch.distributed as dist
+
+    lock, refusal = None, [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            lock = acquire_run_lock(run_dir)
+        except ConfigError as e:
+            refusal = [e]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise refusal[0]
+    return lock
 
 
 def main() -> None:

@@ -48,6 +48,8 @@ import torch.distributed as dist
 ENV = "MOEFORGE_FAULT"
 EXIT_STUCK = 3  # the watchdog's exit code (2 is a config error)
 PG_TIMEOUT_MARGIN_S = 30.0  # the process group times out this much after the watchdog
+PARENT_POLL_S = 0.5  # how often a torchrun worker checks that its agent still lives
+_PARENT_AT_START = os.getppid()  # taken at import: the agent may die before the train loop starts
 
 ACTIONS = {"kill": ("step", "save"), "hang": ("step", "save"), "nan": ("step",)}
 
@@ -144,14 +146,30 @@ class Watchdog:
 class Preemption:
     """SIGTERM (a scheduler preempting the job; torchrun forwards it to every rank) asks the run to
     checkpoint and stop at the next step boundary. Ranks may see the signal at different steps,
-    so `requested()` agrees across ranks with a one-element all-reduce each step."""
+    so `requested()` agrees across ranks with a one-element all-reduce each step.
+
+    The death of the torchrun agent asks the same: a SIGKILLed agent forwards nothing, and its
+    orphaned workers would otherwise train on alone, beside any job started to replace it."""
 
     def __init__(self) -> None:
         self._flag = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: its parent is the agent
+            threading.Thread(target=self._watch_parent, args=(_PARENT_AT_START,), daemon=True).start()
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        self._flag = True
+
+    def _watch_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        print(
+            f"moeforge: rank {dist.get_rank() if dist.is_initialized() else 0}: the torchrun agent "
+            f"(pid {parent}) is gone; checkpointing and stopping at the next step",
+            file=sys.stderr,
+            flush=True,
+        )
         self._flag = True
 
     def requested(self) -> bool:

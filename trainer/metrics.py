@@ -10,6 +10,7 @@ entirely). Other ranks get a logger whose methods do nothing.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -67,6 +68,29 @@ def throughput(tokens: int, seconds: float, flops_per_token: float, peak: float 
     return out
 
 
+def _forget_after(path: Path, step: int) -> None:
+    """Drop the records a run resumed from step `step` writes again: every step after it, and the
+    validation at it (a run validates where it starts). Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _kept(line, step)]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _kept(line: str, resumed_at: int) -> bool:
+    try:
+        record = json.loads(line)
+        step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return False  # a torn last line from a killed run
+    return step < resumed_at or (step == resumed_at and record.get("kind") != "val")
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -89,6 +113,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.jsonl:
             self.metrics_path = run_dir / "metrics.jsonl"
+            _forget_after(self.metrics_path, start_step)
             self._file = self.metrics_path.open("a", buffering=1)  # line-buffered: readable mid-run
         if cfg.wandb_mode != "disabled":
             import wandb

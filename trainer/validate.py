@@ -9,6 +9,7 @@ opened, in `trainer/setup.py:build_data`.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -42,6 +43,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     check_layout(cfg, world_size)
     _check_optim_and_train(cfg, world_size)
     _check_run(cfg)
+    check_cluster(cfg)
     if cfg.checkpoint.init_from or cfg.checkpoint.export_hf:
         from trainer.checkpoint.hf.job import check_job  # reads config.json + safetensors headers only
 
@@ -133,7 +135,11 @@ def _check_rope_scaling(cfg: JobConfig) -> None:
     one_of(f"{where}.type", rs.type, ROPE_SCALINGS)
     if rs.type == "none":
         return
-    if rs.type != "linear" and not rs.original_max_seq_len and not (cfg.model.max_seq_len / rs.factor).is_integer():
+    if (
+        rs.type != "linear"
+        and not rs.original_max_seq_len
+        and not (cfg.model.max_seq_len / rs.factor).is_integer()
+    ):
         # The pretraining context defaults to max_seq_len / factor; a fraction has no HF equivalent.
         raise bad_value(
             f"{where}.original_max_seq_len",
@@ -292,3 +298,22 @@ def _check_run(cfg: JobConfig) -> None:
     for field, value in (("run.dir", cfg.run.dir), ("checkpoint.dir", c.dir)):
         if not value:
             raise bad_value(field, "''", "is empty", "set a directory")
+
+
+# SLURM's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+SLURM_TIME = re.compile(r"^(\d+-\d+(:[0-5]?\d){0,2}|\d+(:[0-5]?\d){0,2})$")
+
+
+def check_cluster(cfg: JobConfig) -> None:
+    """The cluster fields that launch/ writes into torchrun lines and sbatch scripts."""
+    c = cfg.cluster
+    if not SLURM_TIME.match(str(c.time)):
+        raise bad_value(
+            "cluster.time", c.time, "is not a SLURM time limit", "use minutes, HH:MM:SS or D-HH:MM:SS"
+        )
+    for name in ("partition", "account"):
+        value = getattr(c, name)
+        if value is not None and not re.fullmatch(r"[\w.\-]+", str(value)):
+            raise bad_value(
+                f"cluster.{name}", repr(value), "is not a SLURM name", "use letters, digits, '.', '-', '_'"
+            )

@@ -35,7 +35,9 @@ class Range:
     def __str__(self) -> str:
         if self.high == INF:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return (
+            f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        )
 
 
 POSITIVE = Range(low_open=True)  # > 0

@@ -129,4 +129,6 @@ def test_compressed_run_restarts_bitwise_exact_with_its_error_feedback(
         json.loads(line) for line in (tmp_path / "restarted" / "metrics.jsonl").read_text().splitlines()
     ]
     ratios = [r["comm_ratio"] for r in records if r["kind"] == "train"]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)), steps  # the steps redone after the restart appear once
     assert ratios[0] == 1.0 and 0 < ratios[-1] < max_ratio  # warm-up uncompressed, then compressed

@@ -3,6 +3,7 @@ and an exact resume of a short run."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -223,3 +224,16 @@ def test_resume_is_exact(tmp_path: Path, small_dataset: Path) -> None:
         assert torch.equal(a, b), name
     records = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert sum('"kind": "train"' in r for r in records) == 4
+
+
+def test_resumed_metrics_do_not_repeat_steps(tmp_path: Path) -> None:
+    """A run killed at step 7 after checkpointing step 5 resumes at 5 and redoes 6 and 7: their
+    records, the validation at 5 (done again at the start) and a torn last line are dropped."""
+    from trainer.metrics import _forget_after
+
+    records = [{"kind": "train", "step": s} for s in range(1, 8)] + [{"kind": "val", "step": 5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
+    _forget_after(path, 5)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [{"kind": "train", "step": s} for s in range(1, 6)]
