@@ -23,14 +23,14 @@ from typing import NoReturn
 import hydra
 from hydra._internal.utils import get_args_parser
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data import DataError
 from trainer.compose import compose_config, config_error, to_job_config
 from trainer.config import register_configs
 from trainer.errors import ConfigError
 from trainer.fault import PG_TIMEOUT_MARGIN_S, FaultError
-from trainer.preflight import acquire_run_lock, check_machine
+from trainer.preflight import acquire_run_lock, agree_across_ranks, check_machine, frozen_path_overrides
 from trainer.validate import validate
 
 EXIT_CONFIG = 2
@@ -49,7 +49,7 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str]) -> list[str]:
     """Compose + validate the job's config from `argv` the way Hydra will, raising `ConfigError`.
 
     Skipped when Hydra is asked for something other than a plain run of our root config (help,
@@ -60,7 +60,7 @@ def precheck(argv: list[str]) -> None:
     try:
         args = get_args_parser().parse_intermixed_args(argv)
     except SystemExit:
-        return  # a malformed flag: let Hydra print its usage message
+        return []  # a malformed flag: let Hydra print its usage message
     if (
         args.help
         or args.hydra_help
@@ -71,7 +71,7 @@ def precheck(argv: list[str]) -> None:
         or args.experimental_rerun
         or args.info
     ):
-        return
+        return []
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as e:  # noqa: BLE001 - an unparsable override is a config error
@@ -81,7 +81,11 @@ def precheck(argv: list[str]) -> None:
         for text, ov in zip(args.overrides, parsed)
         if not ov.is_hydra_override() and not (args.multirun and ov.is_sweep_override())
     ]
-    job = to_job_config(compose_config(keep))
+    cfg = compose_config(keep)
+    job = to_job_config(cfg)
+    pinned = agree_across_ranks(frozen_path_overrides(OmegaConf.to_container(cfg, resolve=False), job))
+    if pinned:  # every rank checks and writes rank 0's directories
+        job = to_job_config(compose_config([*keep, *pinned]))
     # Submitting to SLURM through Hydra's submitit launcher: the ranks will be cluster.nodes x
     # cluster.gpus_per_node (launch/submitit_env.py gives each task its torch env), not this process.
     slurm = any(ov.key_or_group == "hydra/launcher" and "slurm" in str(ov.value()) for ov in parsed)
@@ -89,6 +93,7 @@ def precheck(argv: list[str]) -> None:
     validate(job, world_size)
     if not (slurm or args.multirun):  # those jobs run elsewhere, each in its own run.dir
         check_machine(job, world_size)
+    return pinned
 
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
@@ -138,7 +143,7 @@ def hold_run_dir(run_dir: str):
 def main() -> None:
     register_configs()
     try:
-        precheck(sys.argv[1:])
+        sys.argv += precheck(sys.argv[1:])  # Hydra then resolves the paths the check saw
     except (ConfigError, DataError) as e:
         _fail(e)
     if os.environ.get("MOEFORGE_CHECK_ONLY") == "1":

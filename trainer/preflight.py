@@ -20,8 +20,9 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from trainer.config import JobConfig
 from trainer.errors import ConfigError, bad_value
@@ -174,3 +175,53 @@ def _held(path: Path, text: str) -> ConfigError:
         f"run.dir: {path.parent} is in use by a live job ({who} holds {path}); wait for it to finish, "
         "stop it, or choose another run.name",
     )
+
+
+# ---- one run, one set of paths -------------------------------------------------------------------
+
+TIME_DEPENDENT = ("${now:",)  # interpolations that resolve differently in each process
+FROZEN_FIELDS = ("run.dir", "checkpoint.dir")
+
+
+def frozen_path_overrides(raw: dict[str, Any], job: JobConfig) -> list[str]:
+    """`run.dir=...` overrides pinning each path field whose unresolved value is time-dependent
+    (`runs/x_${now:%H%M%S}`) to the value resolved here, so that Hydra, every rank and a restart
+    agree on one directory. `raw` is the composed config, unresolved."""
+    out = []
+    for field in FROZEN_FIELDS:
+        section, name = field.split(".")
+        if any(marker in str(raw[section][name]) for marker in TIME_DEPENDENT):
+            value = getattr(getattr(job, section), name)
+            out.append(f"{field}='{value}'" if "'" not in value else f'{field}="{value}"')
+    return out
+
+
+def agree_across_ranks(overrides: list[str]) -> list[str]:
+    """Rank 0's `overrides`, on every rank of a torchrun job (through the job's TCP store, before
+    any process group or write); unchanged in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or "MASTER_ADDR" not in os.environ:  # one process, or a launcher's check-only run
+        return overrides
+    from torch.distributed import TCPStore
+
+    rank = int(os.environ.get("RANK", "0"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    # Without torchrun's agent store, rank 0 hosts the store that init_process_group reuses.
+    store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=rank == 0 and not agent_store,
+        multi_tenant=True,
+        timeout=timedelta(seconds=300),
+    )
+    _STORES.append(store)  # the process group may reuse this server: keep it alive
+    attempt = (os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    key = "moeforge/paths/" + "/".join(attempt)
+    if rank == 0:
+        store.set(key, json.dumps(overrides))
+        return overrides
+    return json.loads(store.get(key))
+
+
+_STORES: list[Any] = []
