@@ -89,6 +89,9 @@ def _check_split(name: str, split: object) -> None:
         where = f"splits.{name}.shards[{i}]"
         if not isinstance(sh, dict) or not isinstance(sh.get("file"), str) or not sh["file"]:
             raise ValueError(f"{where} needs a file name")
+        if Path(sh["file"]).name != sh["file"] or sh["file"] in (".", ".."):
+            # A downloaded dataset must not make us read outside its split directory.
+            raise ValueError(f"{where}.file {sh['file']!r} is not a plain file name in the split directory")
         for key in ("bytes", "num_docs", "num_tokens"):
             _check_int(sh.get(key), f"{where}.{key}")
         # Optional: written since the id-range check; older datasets get them computed on open.

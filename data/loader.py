@@ -13,6 +13,7 @@ never reads them and validation reads only them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,23 @@ def _resolve_sources(cfg: DataConfig) -> list[DataSourceConfig]:
 
 
 def _open(src: DataSourceConfig, split: str) -> TokenStream:
+    """The source's split, opened (and checked) once per process while its files are unchanged:
+    `python -m trainer` checks the data before Hydra writes anything, and training then reuses
+    what the check opened."""
     path = Path(src.path).expanduser()
-    if src.format == "parquet":
-        return ParquetTokens(path / split)
-    return MegatronTokens(path, src.eod_id)
+    marker = path / "metadata.json" if src.format == "parquet" else Path(f"{path}.bin")
+    try:
+        stamp = marker.stat().st_mtime_ns
+    except OSError:
+        stamp = 0  # missing: the reader says so
+    return _open_cached(src.format, str(path), split, src.eod_id, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(fmt: str, path: str, split: str, eod_id: int, stamp: int) -> TokenStream:
+    if fmt == "parquet":
+        return ParquetTokens(Path(path) / split)
+    return MegatronTokens(path, eod_id)
 
 
 def _holdout(num_samples: int, cfg: DataConfig, src: DataSourceConfig) -> int:

@@ -109,8 +109,21 @@ def check_machine(cfg: JobConfig, world_size: int) -> None:
         check_writable_dir(field, path)
     check_run_dir_free(cfg.run.dir)
     check_memory(cfg, world_size)
+    check_data(cfg)
     if cfg.logging.wandb_mode == "online":
         check_wandb_online()
+
+
+def check_data(cfg: JobConfig) -> None:
+    """Open the job's data as training will (schema, token id range against model.vocab_size, the
+    special ids): the opened streams are kept for the run. The default corpus, when it is not
+    prepared yet, is left to the run: preparing it is a write."""
+    from data.prepare import default_corpus_dir
+    from trainer.setup import build_data
+
+    if not cfg.data.sources and not (default_corpus_dir(cfg.data) / "metadata.json").is_file():
+        return
+    build_data(cfg, seed=cfg.train.seed)
 
 
 def check_wandb_online(host: str = "api.wandb.ai", timeout_s: float = 3.0) -> None:
