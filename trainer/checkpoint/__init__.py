@@ -5,9 +5,10 @@ from trainer.checkpoint.manager import (
     CheckpointWriter,
     latest_valid,
     restore,
-    step_dirs,
-    verify,
+    restore_latest,
+    state_bytes,
 )
+from trainer.checkpoint.safety import CheckpointError, check_free_space, scan_step_dirs, step_dirs, verify
 from trainer.checkpoint.state import (
     CompressorState,
     RNGState,
@@ -18,15 +19,20 @@ from trainer.checkpoint.state import (
 )
 
 __all__ = [
+    "CheckpointError",
     "CheckpointWriter",
     "CompressorState",
     "RNGState",
     "ShardedModelOptimizer",
     "Stateful",
     "TrainProgress",
+    "check_free_space",
     "latest_valid",
     "model_optimizer_part",
     "restore",
+    "restore_latest",
+    "scan_step_dirs",
+    "state_bytes",
     "step_dirs",
     "verify",
 ]

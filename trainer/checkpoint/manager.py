@@ -8,18 +8,22 @@
     <dir>/step-N/           the .tmp directory renamed (atomic) after everything is fsynced
     <dir>/latest            names the newest complete checkpoint (written atomically)
 
-A checkpoint is valid when its manifest parses and every listed file has its size and checksum.
-Resume takes the newest valid one and reports each newer one it had to skip in one line. Nothing
-is unpickled: tensors come back through DCP with a JSON index, small parts with
-`torch.load(weights_only=True)`.
+A checkpoint is valid when its manifest parses (every field of the expected type), it is named
+after the step its manifest records, every listed file has its size and checksum, and every data
+file its DCP index names is listed and long enough. A checkpoint may come from elsewhere: no path
+it names may leave its directory (`safety.contained`), and nothing is unpickled: tensors come
+back through DCP with a JSON index, small parts with `torch.load(weights_only=True)`.
+
+Resume (`restore_latest`) takes the newest valid checkpoint that also loads, and reports in one
+line each newer one it had to skip, and each `step-*` entry it ignores (symbolic links, misnamed
+ones). Saving and pruning never follow a symbolic link. A failed save (a full disk) is one line,
+and leaves no `step-N.tmp` behind.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import warnings
@@ -30,17 +34,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.checkpoint.safety import (  # noqa: F401 - the constants and check_free_space are re-exported
+    FORMAT_VERSION,
+    GROUPS,
+    LATEST,
+    MANIFEST,
+    SHARDED,
+    STEP_DIR,
+    CheckpointError,
+    check_free_space,
+    contained,
+    load_weights_only,
+    one_line,
+    scan_step_dirs,
+    sha256_file,
+    step_dirs,
+    verify,
+)
 from trainer.checkpoint.state import ShardedModelOptimizer, Stateful
-from trainer.checkpoint.storage import METADATA_FILE, JsonFileSystemReader, JsonFileSystemWriter
+from trainer.checkpoint.storage import (
+    JsonFileSystemReader,
+    JsonFileSystemWriter,
+    read_json_metadata,
+)
 from trainer.errors import ConfigError
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-MANIFEST = "manifest.json"
-LATEST = "latest"
-SHARDED = "sharded"
-GROUPS = "optimizer_groups.pt"
-FORMAT_VERSION = 1
 
 # Called with the step once this rank's files are written, before the manifest and the rename:
 # where fault injection (trainer/fault.py) kills a process to leave a half-written checkpoint.
@@ -62,9 +81,55 @@ def _per_rank_file(name: str, rank: int) -> str:
     return f"{name}-rank{rank}.pt"
 
 
-def _barrier(group: dist.ProcessGroup | None = None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+def _attempt(
+    fn: Callable[[], Any],
+    to_error: Callable[[BaseException], ConfigError],
+    group: dist.ProcessGroup | None = None,
+) -> ConfigError | None:
+    """Run `fn` on every rank, then agree (collective, in place of a barrier) on whether it failed
+    anywhere: every rank gets the error to raise, so none is left blocked in a later collective."""
+    error = None
+    try:
+        fn()
+    except (ConfigError, OSError, CheckpointException) as e:  # DCP's is a BaseException
+        error = to_error(e)
+    if not dist.is_initialized():
+        return error
+    mine = None if error is None else _as_tuple(error)
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if error is not None:
+        return error
+    rank, theirs = next(((r, m) for r, m in enumerate(every) if m is not None), (0, None))
+    if theirs is None:
+        return None
+    if theirs[0] == "checkpoint":
+        return CheckpointError(theirs[1], f"on rank {rank}: {theirs[2]}", theirs[3])
+    return ConfigError("checkpoint.dir", f"on rank {rank}: {theirs[1]}")
+
+
+def _as_tuple(error: ConfigError) -> tuple[str, ...]:
+    if isinstance(error, CheckpointError):
+        return ("checkpoint", str(error.where), error.problem, error.fix)
+    return ("config", str(error))
+
+
+def _why(e: BaseException) -> str:
+    """What went wrong, in a few words: the OSError's reason, also when DCP wrapped it."""
+    if isinstance(e, CheckpointException):
+        inner = [exc for exc, _ in e.failures.values()]
+        e = next((x for x in inner if isinstance(x, OSError)), inner[0] if inner else e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return one_line(e)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory we wrote; a symbolic link in its place is unlinked, never followed."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,14 +145,6 @@ def _save_file(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- saving ------------------------------------------------------------------------------------
@@ -162,11 +219,33 @@ class CheckpointWriter:
     def _write(self, step: int, snapshot: Snapshot, extra: dict[str, Any]) -> Path:
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
         rank = _rank()
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a save that was killed
-            tmp.mkdir()
-        _barrier(self.group)
+        phases = (
+            lambda: self._prepare(tmp) if rank == 0 else None,
+            lambda: self._write_files(step, tmp, snapshot, rank),
+            lambda: self._commit(step, tmp, final, extra) if rank == 0 else None,
+        )
+        for phase in phases:
+            error = _attempt(phase, lambda e: self._save_error(step, e), self.group)
+            if error is not None:
+                if rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise error
+        return final
+
+    def _save_error(self, step: int, e: BaseException) -> ConfigError:
+        return ConfigError(
+            "checkpoint.dir",
+            f"checkpoint.dir={self.root}: saving step {step} failed: {_why(e)}; its step-{step}.tmp is "
+            "removed and the earlier checkpoints are untouched (free space there, lower "
+            "checkpoint.keep_last, or point checkpoint.dir elsewhere)",
+        )
+
+    def _prepare(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # a leftover from a save that was killed
+        tmp.mkdir()
+
+    def _write_files(self, step: int, tmp: Path, snapshot: Snapshot, rank: int) -> None:
         dcp.save(
             snapshot.sharded, storage_writer=JsonFileSystemWriter(tmp / SHARDED), process_group=self.group
         )
@@ -177,15 +256,10 @@ class CheckpointWriter:
                 _save_file(value, tmp / filename)
         for hook in after_shards_written:
             hook(step)
-        _barrier(self.group)
-        if rank == 0:
-            self._commit(step, tmp, final, extra)
-        _barrier(self.group)
-        return final
 
     def _commit(self, step: int, tmp: Path, final: Path, extra: dict[str, Any]) -> None:
         files = {
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
@@ -197,18 +271,18 @@ class CheckpointWriter:
             os.fsync(f.fileno())
         _fsync_dir(tmp / SHARDED)
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        _remove(final)
         os.replace(tmp, final)
         _write_atomic(self.root / LATEST, final.name + "\n")
         _fsync_dir(self.root)
-        if self.keep_last > 0:
+        if self.keep_last > 0:  # real step directories only: a symbolic link is left alone
             for _, old in step_dirs(self.root)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # never write through a link planted there
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -219,48 +293,20 @@ def _write_atomic(path: Path, text: str) -> None:
 # ---- finding and verifying ---------------------------------------------------------------------
 
 
-def step_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
-    """Renamed (`step-N`) checkpoint directories, oldest first; `.tmp` leftovers are not listed."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
-
-
-def verify(path: Path, checksums: bool = True) -> str | None:
-    """None if the checkpoint at `path` is complete and intact, else what is wrong (one line)."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest.json (the save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return "manifest.json is unreadable"
-    if f"{SHARDED}/{METADATA_FILE}" not in files:
-        return f"manifest.json lists no {SHARDED}/{METADATA_FILE}"
-    for rel, meta in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != meta["bytes"]:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
-        if checksums and _sha256(f) != meta["sha256"]:
-            return f"{rel} does not match its checksum (corrupted)"
-    return None
-
-
 def latest_valid(
-    ckpt_dir: str | Path, report: Callable[[str], None], checksums: bool = True
+    ckpt_dir: str | Path, report: Callable[[str], None], checksums: bool = True, below: int | None = None
 ) -> tuple[int, Path] | None:
-    """The newest valid checkpoint, reporting in one line each newer one that is not (and stale
-    `.tmp` directories). Under torch.distributed, rank 0 decides and tells the others."""
+    """The newest valid checkpoint (older than step `below`, if given), reporting in one line each
+    newer one that is not, and each ignored `step-*` entry. Under torch.distributed, rank 0
+    decides and tells the others."""
     choice: list[Any] = [None]
     if _rank() == 0:
-        root = Path(ckpt_dir)
-        for stale in sorted(root.glob("step-*.tmp")) if root.is_dir() else []:
-            report(f"checkpoint {stale} is incomplete (a save that did not finish): ignored")
-        for step, path in reversed(step_dirs(root)):
+        found, ignored = scan_step_dirs(ckpt_dir)
+        for line in ignored if below is None else []:
+            report(line)
+        for step, path in reversed(found):
+            if below is not None and step >= below:
+                continue
             problem = verify(path, checksums)
             if problem is None:
                 choice[0] = (step, str(path))
@@ -274,32 +320,99 @@ def latest_valid(
 # ---- loading -----------------------------------------------------------------------------------
 
 
+def restore_latest(
+    state: dict[str, Stateful], ckpt_dir: str | Path, report: Callable[[str], None], checksums: bool = True
+) -> tuple[int, Path] | None:
+    """Restore the newest checkpoint that is valid and loads; one that is valid but cannot be
+    loaded safely (a pickle, an unreadable part) is reported in one line and the previous one is
+    tried, on every rank together. None when there is no valid checkpoint; a CheckpointError when
+    none of the valid ones loads; a ConfigError when one does not fit the config (nor would older)."""
+    below, newest = None, None
+    while (found := latest_valid(ckpt_dir, report, checksums, below=below)) is not None:
+        try:
+            restore(state, found[1])
+            return found
+        except CheckpointError as e:
+            report(f"checkpoint {found[1]} cannot be loaded: {e.problem}; trying the previous one")
+            below, newest = found[0], newest or e
+    if newest is not None:
+        raise CheckpointError(
+            ckpt_dir,
+            f"no checkpoint can be loaded; the newest, {newest.where}: {newest.problem}",
+            "delete the checkpoints that cannot be loaded, or set checkpoint.resume=false",
+        )
+    return None
+
+
 def restore(state: dict[str, Stateful], path: Path) -> None:
-    """Load every part of `state` from the (verified) checkpoint at `path`. Collective."""
+    """Load every part of `state` from the (verified) checkpoint at `path`. Collective: every file
+    is read and checked before anything is loaded, and all ranks raise together, a CheckpointError
+    when the checkpoint cannot be read safely, a ConfigError when it does not fit the config."""
+    targets: dict[str, dict[str, Any]] = {}  # the sharded parts' own tensors, which DCP fills
+    loaded: dict[str, Any] = {}
+
+    def to_error(e: BaseException) -> ConfigError:
+        return e if isinstance(e, ConfigError) else CheckpointError(path, f"cannot be read ({_why(e)})")
+
+    def load_sharded() -> None:
+        for target in targets.values():
+            dcp.load(target, storage_reader=JsonFileSystemReader(path / SHARDED))
+
+    for phase in (
+        lambda: _read_parts(state, path, targets, loaded),
+        load_sharded,
+        lambda: _apply_parts(state, path, targets, loaded),
+    ):
+        if (error := _attempt(phase, to_error)) is not None:
+            raise error
+
+
+def _read_parts(
+    state: dict[str, Stateful], path: Path, targets: dict[str, dict[str, Any]], loaded: dict[str, Any]
+) -> None:
     for name, part in state.items():
         if isinstance(part, ShardedModelOptimizer):
-            sharded = part.sharded_state()
-            check_model_shapes(sharded["model"], saved_shapes(path), path)
-            dcp.load(sharded, storage_reader=JsonFileSystemReader(path / SHARDED))
-            part.load(sharded, torch.load(path / GROUPS, weights_only=True))
+            contained(path, SHARDED, "directory")
+            targets[name] = part.sharded_state()
+            check_model_shapes(targets[name]["model"], saved_shapes(path), path)
+            loaded[name] = load_weights_only(path, GROUPS)
         elif _is_per_rank(part):
-            file = path / _per_rank_file(name, _rank())
-            if file.is_file():  # absent when resuming on more ranks: this rank keeps its fresh state
-                part.load_state_dict(torch.load(file, weights_only=True))
+            rel = _per_rank_file(name, _rank())
+            # Absent when resuming on more ranks: this rank keeps its fresh state.
+            if os.path.lexists(path / rel):
+                loaded[name] = load_weights_only(path, rel)
         else:
-            file = path / f"{name}.pt"
-            if not file.is_file():
-                raise ConfigError(
-                    "checkpoint.dir",
-                    f"checkpoint.dir: {path} has no {file.name} (set checkpoint.resume=false)",
-                )
-            part.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+            rel = f"{name}.pt"
+            if not os.path.lexists(path / rel):
+                raise CheckpointError(path, f"has no {rel}", "set checkpoint.resume=false")
+            loaded[name] = load_weights_only(path, rel)
+
+
+def _apply_parts(
+    state: dict[str, Stateful], path: Path, targets: dict[str, dict[str, Any]], loaded: dict[str, Any]
+) -> None:
+    for name, part in state.items():
+        if name not in loaded:
+            continue
+        try:
+            if name in targets:
+                part.load(targets[name], loaded[name])  # type: ignore[attr-defined]
+            else:
+                part.load_state_dict(loaded[name])
+        except ConfigError:
+            raise
+        except ValueError as e:  # the part refuses this state: e.g. a data position for other data
+            fix = "point checkpoint.dir elsewhere, or set checkpoint.resume=false, or use another run.dir"
+            raise ConfigError(
+                "checkpoint.dir", f"checkpoint.dir: {path}: {str(e).removeprefix('data: ')} ({fix})"
+            ) from e
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            file = GROUPS if name in targets else f"{name}.pt"
+            raise CheckpointError(path, f"{file} does not hold a {name} state ({one_line(e)})") from None
 
 
 def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Global shapes of the saved model tensors, from the JSON index."""
-    from trainer.checkpoint.storage import read_json_metadata
-
     metadata = read_json_metadata(path / SHARDED)
     prefix = "model."
     return {
@@ -323,3 +436,31 @@ def check_model_shapes(expected: dict[str, Any], saved: dict[str, tuple[int, ...
                 f"checkpoint.dir: {path} has {key} of shape {list(saved[key])} but the config builds "
                 f"{list(tensor.shape)} ({fix})",
             )
+
+
+def state_bytes(state: dict[str, Stateful]) -> int:
+    """About the bytes one checkpoint of `state` takes: every tensor of every part this rank
+    saves, plus a little per file. Collective under torch.distributed: the sum over all ranks,
+    which is what a shared `checkpoint.dir` receives (for `check_free_space`)."""
+    total = 0
+    for part in state.values():
+        if isinstance(part, ShardedModelOptimizer):
+            total += _tensor_bytes(part.sharded_state()) + (1 << 16)
+        elif _is_per_rank(part) or _rank() == 0:
+            total += _tensor_bytes(part.state_dict()) + (1 << 16)
+    if dist.is_initialized():
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, total)
+        total = sum(every)
+    return total
+
+
+def _tensor_bytes(tree: Any) -> int:
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor: this rank's shard
+        return local.numel() * local.element_size()
+    return 0
