@@ -333,7 +333,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line too (its default prints the whole usage first)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+        self.exit(2, f"moeforge: {self.prog}: {message}; see --help\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs=args.input,
         )
     except DataError as e:
-        print(e, file=sys.stderr)
+        print(f"moeforge: {e}", file=sys.stderr)  # e: "data: <what>; <fix>"
         return 2
     sp = meta["splits"]
     print(

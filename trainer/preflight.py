@@ -110,6 +110,7 @@ def check_machine(cfg: JobConfig, world_size: int) -> None:
     check_run_dir_free(cfg.run.dir)
     check_memory(cfg, world_size)
     check_data(cfg)
+    check_resume(cfg)
     if cfg.logging.wandb_mode == "online":
         check_wandb_online()
 
@@ -124,6 +125,34 @@ def check_data(cfg: JobConfig) -> None:
     if not cfg.data.sources and not (default_corpus_dir(cfg.data) / "metadata.json").is_file():
         return
     build_data(cfg, seed=cfg.train.seed)
+
+
+def check_resume(cfg: JobConfig) -> None:
+    """checkpoint.dir has room for the next checkpoint (weights + AdamW moments), and the one a
+    run would resume from loads (its small parts weights-only, as the run reads them) and fits
+    the model (saved shapes against the config's, on the meta device): the run's own resume, minus
+    the tensors."""
+    import torch
+
+    from model import Transformer
+    from model.params import count_params
+    from trainer.checkpoint import check_free_space
+    from trainer.checkpoint.manager import check_model_shapes, first_loadable, saved_shapes
+    from trainer.checkpoint.safety import load_weights_only
+
+    total, _ = count_params(cfg.model, include_mtp=True)
+    check_free_space(cfg.checkpoint.dir, total * 3 * 4)
+    if not cfg.checkpoint.resume:
+        return
+    with torch.device("meta"):
+        expected = Transformer(cfg.model).state_dict()
+
+    def dry_run(path: Path) -> None:
+        for part in sorted(path.glob("*.pt")):
+            load_weights_only(path, part.name)
+        check_model_shapes(expected, saved_shapes(path), path)
+
+    first_loadable(cfg.checkpoint.dir, report=lambda _: None, checksums=False, load=dry_run)
 
 
 def check_wandb_online(host: str = "api.wandb.ai", timeout_s: float = 3.0) -> None:

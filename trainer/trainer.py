@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from data import DataError
 from model.params import count_params
 from parallel.dims import Meshes, ParallelDims
 from parallel.parallelize import parallelize
@@ -33,7 +32,6 @@ from trainer.checkpoint import (
     model_optimizer_part,
 )
 from trainer.config import JobConfig
-from trainer.errors import ConfigError
 from trainer.fault import (
     FaultError,
     Preemption,
@@ -166,6 +164,7 @@ class Trainer:
         cfg, steps = self.cfg, self.cfg.train.steps
         self.watchdog.pet("resume")
         summary = RunSummary(resumed_from=self.resume())
+        self.check_free_space()  # before training, not at the first save after it
         summary.start_step = self.progress.step
         metrics = self.open_metrics()
         summary.metrics_path, summary.wandb_path = metrics.metrics_path, metrics.wandb_path
@@ -332,20 +331,13 @@ class Trainer:
         """Load the newest valid checkpoint in `checkpoint.dir` when `checkpoint.resume`; newer ones
         that are incomplete or corrupt are reported and skipped."""
         found = None
-        if self.cfg.checkpoint.resume:
-            found = checkpoint.latest_valid(
-                self.ckpt_dir, self._report, checksums=self.cfg.checkpoint.verify == "full"
+        if self.cfg.checkpoint.resume:  # one that fails to load is reported and the previous one tried
+            found = checkpoint.restore_latest(
+                self.state(), self.ckpt_dir, self._report, checksums=self.cfg.checkpoint.verify == "full"
             )
         if found is None:
             return None
         step, path = found
-        try:
-            checkpoint.restore(self.state(), path)
-        except DataError as e:  # the loader's position does not fit this data config
-            fix = "or set checkpoint.resume=false, or use another run.dir"
-            raise ConfigError(
-                "checkpoint.dir", f"checkpoint.dir: {path}: {str(e).removeprefix('data: ')} ({fix})"
-            ) from e
         apply_config(self.optimizer, self.scheduler, self.cfg.optim)
         self._saved_step = step
         return path
@@ -361,9 +353,14 @@ class Trainer:
                 "layout": {"dp": d.dp, "tp": d.tp, "pp": d.pp, "ep": d.ep},
                 "config": dataclasses.asdict(self.cfg),
             }
+            self.check_free_space()
             path = self.ckpt_writer.save(self.progress.step, self.state(), extra)
             self._saved_step = self.progress.step
         return path
+
+    def check_free_space(self) -> None:
+        """Refuse (every rank, one line) a save that the checkpoint directory cannot hold."""
+        checkpoint.check_free_space(self.ckpt_dir, checkpoint.state_bytes(self.state()))
 
     def export_hf(self, step_dir: Path) -> Path:
         """Rank 0 writes the HF copy from the checkpoint just saved (it reads every rank's shards,

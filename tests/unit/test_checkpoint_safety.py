@@ -189,7 +189,7 @@ def test_paths_outside_the_checkpoint_are_refused_without_opening_them(
     assert cli(["verify", str(root)]) == 1
     out = capsys.readouterr().out
     assert f"{ckpt}: {problem}" in out and f"{root / 'step-1'}: ok" in out
-    assert cli(["convert", str(ckpt), str(tmp_path / "model.pt")]) == 1
+    assert cli(["convert", str(ckpt), str(tmp_path / "model.pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("moeforge: ") and not (tmp_path / "model.pt").exists()
     assert [p for p in opened if Path(p).is_relative_to(outside)] == []

@@ -10,8 +10,9 @@ It writes through a temporary file, so a failure leaves nothing at the output pa
 
 A checkpoint is read as untrusted (it may come from elsewhere): nothing outside its directory is
 opened and nothing is unpickled. Exit codes: 0 done (for `verify`: every checkpoint is valid);
-1 a checkpoint was checked and is not valid; 2 bad input (a target that does not exist, is a file
-or holds no checkpoint, an output that exists or whose directory does not) or a failure to write.
+1 `verify` checked a checkpoint and it is not valid; 2 bad input (a target that does not exist,
+is a file or holds no checkpoint, a checkpoint `convert` cannot use, an output that exists or whose
+directory does not) or a failure to write.
 Every problem is one line on stderr, `moeforge: <what>`.
 """
 
@@ -125,8 +126,9 @@ def cmd_convert(path: Path, out: Path) -> int:
         raise BadInput(f"{out.absolute().parent} does not exist (create it or choose another output path)")
     problem = verify(path, checksums=True)
     if problem:
-        print(f"moeforge: {path} is not a valid checkpoint: {problem}", file=sys.stderr)
-        return 1
+        raise BadInput(
+            f"{path} is not a valid checkpoint: {problem} (convert a valid one: `list` shows them)"
+        )
     metadata = read_json_metadata(path / SHARDED)
     model = {
         fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
@@ -134,8 +136,9 @@ def cmd_convert(path: Path, out: Path) -> int:
         if fqn.startswith("model.")
     }
     if not model:
-        print(f"moeforge: {path} holds no model tensors: nothing to convert", file=sys.stderr)
-        return 1
+        raise BadInput(
+            f"{path} holds no model tensors: nothing to convert (check that it is a moeforge checkpoint)"
+        )
     dcp.load(model, storage_reader=JsonFileSystemReader(path / SHARDED), no_dist=True)
     _save_atomic({fqn.removeprefix("model."): t for fqn, t in model.items()}, out)
     print(f"wrote {out}: {len(model)} tensors, {sum(t.numel() for t in model.values()):,} parameters")
@@ -172,15 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path)
     args = parser.parse_args(argv)
+    invalid = 1 if args.command == "verify" else 2  # verify's answer, or a refusal to convert
     try:
         return run(args)
     except CheckpointError as e:  # checked, and not valid
-        print(f"moeforge: {e.where}: {e.problem}", file=sys.stderr)
-        return 1
+        print(f"moeforge: {e.where}: {e.problem} ({e.fix})", file=sys.stderr)
+        return invalid
     except CheckpointException as e:  # DCP's, a BaseException: the shards could not be read
         inner = next(iter(e.failures.values()), (e, None))[0]
-        print(f"moeforge: the sharded tensors cannot be read ({one_line(inner)})", file=sys.stderr)
-        return 1
+        print(
+            f"moeforge: the sharded tensors cannot be read ({one_line(inner)}); check the checkpoint with `verify`",
+            file=sys.stderr,
+        )
+        return invalid
     except (BadInput, ConfigError) as e:
         print(f"moeforge: {e}", file=sys.stderr)
         return 2

@@ -327,10 +327,17 @@ def restore_latest(
     loaded safely (a pickle, an unreadable part) is reported in one line and the previous one is
     tried, on every rank together. None when there is no valid checkpoint; a CheckpointError when
     none of the valid ones loads; a ConfigError when one does not fit the config (nor would older)."""
+    return first_loadable(ckpt_dir, report, checksums, lambda path: restore(state, path))
+
+
+def first_loadable(
+    ckpt_dir: str | Path, report: Callable[[str], None], checksums: bool, load: Callable[[Path], None]
+) -> tuple[int, Path] | None:
+    """The newest valid checkpoint that `load` accepts (it raises CheckpointError to refuse one)."""
     below, newest = None, None
     while (found := latest_valid(ckpt_dir, report, checksums, below=below)) is not None:
         try:
-            restore(state, found[1])
+            load(found[1])
             return found
         except CheckpointError as e:
             report(f"checkpoint {found[1]} cannot be loaded: {e.problem}; trying the previous one")
