@@ -233,7 +233,8 @@ def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     original = rs.original_max_seq_len or cfg.max_seq_len / rs.factor
     if not float(original).is_integer():  # validation refuses this config; a caller may not have run it
         raise conversion_error(
-            "model.rope_scaling.original_max_seq_len", f"max_seq_len / factor = {original:g} is not a whole context"
+            "model.rope_scaling.original_max_seq_len",
+            f"max_seq_len / factor = {original:g} is not a whole context",
         )
     values = {**asdict(rs), "original_max_seq_len": int(original)}
     out = {hf: values[ours] for hf, ours in ROPE_SCALING_KEYS[rs.type].items()}
