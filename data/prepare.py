@@ -25,7 +25,6 @@ standard library) into cfg.cache_dir once, safely when several ranks call it at 
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import glob
 import hashlib
@@ -36,7 +35,6 @@ import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +43,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.config import DataConfig
 from data.dataset import FORMAT_VERSION
-from data.errors import DataError
+from data.errors import DataError, OneLineArgumentParser
 from data.tokenizer import EOD_TOKEN, copy_tokenizer_files, load_tokenizer, tokenizer_vocab_size
 
 DEFAULT_VOCAB_SIZE = DataConfig.tokenizer_vocab_size  # --vocab-size when neither it nor --tokenizer is given
@@ -260,7 +258,9 @@ def prepare(
     if output.exists():
         raise DataError(f"data: output {output} already exists; delete it or choose another --output")
     if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"data: val_fraction must be in [0, 1), got {val_fraction}")
+        raise DataError(
+            f"data: val_fraction (--val-fraction) must be in [0, 1), got {val_fraction}; use e.g. 0.02"
+        )
     if tokenizer is None:
         _check_vocab_size(vocab_size, output)
     existing = load_tokenizer(tokenizer, eod_token) if tokenizer is not None else None
@@ -329,15 +329,8 @@ def prepare(
     return meta
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line too (its default prints the whole usage first)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"moeforge: {self.prog}: {message}; see --help\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(prog="python -m data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--input", action="append", required=True, help="glob of text files (** recurses); repeatable"
     )

@@ -10,18 +10,18 @@ at the allocation's first node. `cluster.*` configure the job; every other overr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 from pathlib import Path
 
+from data.errors import OneLineArgumentParser
 from launch.commands import load_job, sbatch_script, split_overrides
 from trainer.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.sbatch", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m launch.sbatch", description=__doc__.split("\n")[0])
     parser.add_argument("--output", "-o", type=Path, help="write the script here instead of stdout")
     parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides, e.g. recipe=mixtral_8x7b cluster.nodes=4"

@@ -69,8 +69,8 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def _in_process(c: Case, args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
-    """(exit code, number of warnings that would have printed)."""
+def _in_process(c: Case, args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[str]]:
+    """(exit code, the warnings that would have printed)."""
     if c.cli == "trainer":
         from trainer.__main__ import main as trainer_main
 
@@ -110,8 +110,12 @@ def _in_process(c: Case, args: list[str], monkeypatch: pytest.MonkeyPatch) -> tu
             code = call()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
-    shown = [w for w in caught if not issubclass(w.category, DeprecationWarning)]
-    return (0 if code is None else code), len(shown)
+    shown = [
+        f"{w.category.__name__}: {w.message}"
+        for w in caught
+        if not issubclass(w.category, DeprecationWarning)
+    ]
+    return (0 if code is None else code), shown
 
 
 def run_case(c: Case, ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,14 +130,14 @@ def run_case(c: Case, ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: 
         if c.cli == "trainer":
             env["MOEFORGE_CHECK_ONLY"] = "1"
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        code, stderr, extra = proc.returncode, proc.stderr, 0
+        code, stderr, extra = proc.returncode, proc.stderr, []
     else:
         code, extra = _in_process(c, args, monkeypatch)
         stderr = capfd.readouterr().err
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, f"exit code {code}; stderr: {stderr[-2000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert len(lines) == 1 and extra == 0, f"{len(lines)} stderr lines, {extra} warnings: {stderr[-2000:]}"
+    assert len(lines) == 1 and not extra, f"{len(lines)} stderr lines, warnings {extra}: {stderr[-2000:]}"
     line = lines[0]
     assert line.startswith("moeforge: "), line
     assert names in line, f"the line does not name {names!r}: {line}"

@@ -28,6 +28,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from data.errors import OneLineArgumentParser
 from trainer.checkpoint.safety import (
     FORMAT_VERSION,
     LATEST,
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.checkpoint", description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m trainer.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="checkpoints in a directory, with status").add_argument("dir", type=Path)
     sub.add_parser("verify", help="check sizes and checksums").add_argument("dir", type=Path)

@@ -15,6 +15,7 @@ import os
 import pickle  # only for its exception type: nothing here unpickles
 import re
 import shutil
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,7 +119,9 @@ def load_weights_only(path: Path, rel: str) -> Any:
     """A small part of the checkpoint at `path`, through `torch.load(weights_only=True)`."""
     file = contained(path, rel, "file")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read this file is the same answer to the user
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise CheckpointError(
