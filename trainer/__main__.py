@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import NoReturn
 
 import hydra
@@ -37,12 +38,37 @@ EXIT_CONFIG = 2
 EXIT_FAULT = 1
 
 
+RANK0_GRACE_S = 10.0  # how long another rank waits for rank 0 to say an error they share
+
+
 def _fail(err: Exception) -> NoReturn:
     kind = "data error" if isinstance(err, DataError) else "config error"
     kind = "training stopped" if isinstance(err, FaultError) else kind
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
-        print(f"moeforge: {kind}: {err}", file=sys.stderr, flush=True)
+    _say_once(f"moeforge: {kind}: {err}")
     sys.exit(EXIT_FAULT if isinstance(err, FaultError) else EXIT_CONFIG)
+
+
+def _say_once(line: str) -> None:
+    """Under torchrun every rank usually fails alike (the same config, or an error the ranks agreed
+    on): rank 0 says it. Once the process group is up, another rank waits for rank 0 to have said
+    it before exiting (torchrun stops the other workers as soon as one exits), and says its own
+    line only if rank 0 does not within RANK0_GRACE_S: an error only this rank met."""
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    store = dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    key = "moeforge/error_said"
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+        if store is not None:
+            store.set(key, "1")
+        return
+    if store is None:
+        return  # before the process group: rank 0 meets the same error in the same check
+    try:
+        store.wait([key], timedelta(seconds=RANK0_GRACE_S))
+    except (RuntimeError, dist.DistStoreError):
+        print(f"{line} (rank {rank})", file=sys.stderr, flush=True)
 
 
 def _world_size() -> int:

@@ -26,6 +26,7 @@ Fault injection (tests; off unless MOEFORGE_FAULT is set). Specs separated by `;
     MOEFORGE_FAULT="nan@step=3"           step 3's loss and gradients become NaN (all ranks)
     MOEFORGE_FAULT="kill@save=4"          die while writing checkpoint step 4: after this rank's
                                           files, before the manifest/rename (`install_save_hook`)
+    MOEFORGE_FAULT="enospc@save=4,rank=1" the same place, but the write fails: No space left on device
 
 `rank=` omitted means every rank. A fault fires at most once per process and only in the first
 torchrun attempt (TORCHELASTIC_RESTART_COUNT=0) unless `attempt=N` is given, so a run restarted
@@ -34,6 +35,7 @@ by `torchrun --max-restarts` does not die again at the same place.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -51,7 +53,7 @@ PG_TIMEOUT_MARGIN_S = 30.0  # the process group times out this much after the wa
 PARENT_POLL_S = 0.5  # how often a torchrun worker checks that its agent still lives
 _PARENT_AT_START = os.getppid()  # taken at import: the agent may die before the train loop starts
 
-ACTIONS = {"kill": ("step", "save"), "hang": ("step", "save"), "nan": ("step",)}
+ACTIONS = {"kill": ("step", "save"), "hang": ("step", "save"), "nan": ("step",), "enospc": ("save",)}
 
 
 class FaultError(RuntimeError):
@@ -182,7 +184,7 @@ class Preemption:
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # kill | hang | nan
+    action: str  # kill | hang | nan | enospc (a full disk: the save's write fails)
     point: str  # step | save
     at: int  # the step number
     rank: int | None = None  # None: every rank
@@ -208,7 +210,7 @@ def parse_faults(text: str) -> list[Fault]:
         except (ValueError, AssertionError):
             raise ValueError(
                 f"{ENV}={text!r}: cannot read {spec!r} (use e.g. kill@step=7,rank=1 | hang@step=5 | "
-                "nan@step=3 | kill@save=4)"
+                "nan@step=3 | kill@save=4 | enospc@save=4)"
             ) from None
         faults.append(fault)
     return faults
@@ -251,6 +253,8 @@ def maybe_inject(point: str, step: int) -> bool:
         if fault.action == "hang":
             while True:
                 time.sleep(3600)
+        if fault.action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return True
     return False
 
