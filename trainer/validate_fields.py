@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -188,8 +189,45 @@ def _values(value: Any, key: str, shown: str, hint: Any) -> Iterator[tuple[str, 
         yield key, shown, value
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the type hint; interpolations resolve after the schema's type check,
+    so `model.mlp_only_layers='${now:%f}'` arrives here as a string."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint)
+
+
+def check_types(node: Any, prefix: str = "") -> None:
+    """Raise `ConfigError` for the first field whose value is not of its declared type."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, name, hint = getattr(node, f.name), f"{prefix}{f.name}", hints[f.name]
+        if not _has_type(value, hint):
+            want = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise bad_value(name, repr(value), f"is not of type {want}", f"give a {want}")
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_types(item, f"{name}[{i}].")
+
+
 def check_fields(cfg: Any) -> None:
-    """Raise `ConfigError` for the first numeric field that is not finite or not in its range."""
+    """Raise `ConfigError` for the first field of the wrong type, or numeric field that is not
+    finite or not in its range."""
+    check_types(cfg)
     for key, shown, value in numeric_fields(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             raise bad_value(shown, value, "is not a finite number", "set a real value")

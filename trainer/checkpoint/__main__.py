@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,9 @@ def cmd_convert(path: Path, out: Path) -> int:
         raise BadInput(
             f"{path} holds no model tensors: nothing to convert (check that it is a moeforge checkpoint)"
         )
-    dcp.load(model, storage_reader=JsonFileSystemReader(path / SHARDED), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(model, storage_reader=JsonFileSystemReader(path / SHARDED), no_dist=True)
     _save_atomic({fqn.removeprefix("model."): t for fqn, t in model.items()}, out)
     print(f"wrote {out}: {len(model)} tensors, {sum(t.numel() for t in model.values()):,} parameters")
     return 0
