@@ -109,14 +109,15 @@ def precheck(argv: list[str]) -> list[str]:
     ]
     cfg = compose_config(keep)
     job = to_job_config(cfg)
-    pinned = agree_across_ranks(frozen_path_overrides(OmegaConf.to_container(cfg, resolve=False), job))
-    if pinned:  # every rank checks and writes rank 0's directories
-        job = to_job_config(compose_config([*keep, *pinned]))
     # Submitting to SLURM through Hydra's submitit launcher: the ranks will be cluster.nodes x
     # cluster.gpus_per_node (launch/submitit_env.py gives each task its torch env), not this process.
     slurm = any(ov.key_or_group == "hydra/launcher" and "slurm" in str(ov.value()) for ov in parsed)
     world_size = job.cluster.nodes * job.cluster.gpus_per_node if slurm else _world_size()
     validate(job, world_size)
+    pinned = frozen_path_overrides(OmegaConf.to_container(cfg, resolve=False), job)
+    if pinned:  # every rank checks and writes rank 0's directories
+        pinned = agree_across_ranks(pinned)
+        job = to_job_config(compose_config([*keep, *pinned]))
     if not (slurm or args.multirun):  # those jobs run elsewhere, each in its own run.dir
         check_machine(job, world_size)
     return pinned

@@ -255,6 +255,7 @@ def agree_across_ranks(overrides: list[str]) -> list[str]:
         world_size=world,
         is_master=rank == 0 and not agent_store,
         multi_tenant=True,
+        wait_for_workers=False,
         timeout=timedelta(seconds=300),
     )
     _STORES.append(store)  # the process group may reuse this server: keep it alive
