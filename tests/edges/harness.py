@@ -48,6 +48,15 @@ def case(id: str, cli: str, args: list[str] | str, names: str, **kw: object) -> 
     return Case(id, cli, tuple(args), names, **kw)  # type: ignore[arg-type]
 
 
+def params(*groups: list[Case]) -> list[object]:
+    """The cases as pytest params: the first of each group in the quick subset, the rest slow."""
+    return [
+        pytest.param(c, id=c.id, marks=() if i == 0 else pytest.mark.slow)
+        for group in groups
+        for i, c in enumerate(group)
+    ]
+
+
 def fill(text: str, ws: Path) -> str:
     """`{ws}`, `{ds}`, `{run}` -> the workspace, its dataset, its trained run (other braces stay)."""
     return text.replace("{ds}", str(ws / "ds")).replace("{run}", str(ws / "run")).replace("{ws}", str(ws))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.edges.conftest import BASE
-from tests.edges.harness import Case, case, run_case
+from tests.edges.harness import Case, case, params, run_case
 
 
 def trainer(id: str, overrides: str, names: str, **kw: object) -> Case:
@@ -115,10 +115,9 @@ LAUNCH = [
     ),
     case("trainer-subprocess-lr-nan", "trainer", [*BASE, "optim.lr=nan"], "optim.lr", subprocess=True),
 ]
-CASES = NUMBERS + ENUMS_AND_TYPES + SIZES + PATHS + LAUNCH
 
 
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("c", params(NUMBERS, ENUMS_AND_TYPES, SIZES, PATHS, LAUNCH))
 def test_bad_config_or_launch_input_is_one_line_and_writes_nothing(
     c: Case, ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

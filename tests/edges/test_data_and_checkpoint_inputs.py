@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.edges.conftest import BASE
-from tests.edges.harness import Case, case, run_case
+from tests.edges.harness import Case, case, params, run_case
 
 STEP = "{run}/checkpoints/step-2"
 
@@ -278,10 +278,9 @@ CHECKPOINTS = [
     ckpt_cli("convert-shard-lost", f"convert {STEP} {{ws}}/model.pt", "__0_0.distcp", setup=_lose_shard),
     ckpt_cli("command-unknown", "inspect {ws}", "inspect"),
 ]
-CASES = DATA + PREPARE + CHECKPOINTS
 
 
-@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("c", params(DATA, PREPARE, CHECKPOINTS))
 def test_bad_data_or_checkpoint_is_one_line_and_writes_nothing(
     c: Case, ws: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,7 @@ def test_nan_step_is_skipped(tmp_path: Path, small_dataset: Path, inject) -> Non
     assert trainer.progress.state_dict()["skipped_steps"] == 1  # saved with the checkpoint
 
 
+@pytest.mark.slow
 def test_consecutive_skips_roll_back_and_keep_the_data_cursor(
     tmp_path: Path, small_dataset: Path, inject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,6 +151,7 @@ def test_fault_specs() -> None:
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_watchdog_ends_a_stuck_process_with_one_line() -> None:
     code = (
         "import time\n"

@@ -112,6 +112,7 @@ def cfg_family(ref) -> str:
     return ref.config.model_type
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_import_fp32_within_1e4(family: str, tmp_path) -> None:
     ref, _ = build_reference(family, seed=3)

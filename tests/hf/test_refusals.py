@@ -143,6 +143,7 @@ def test_export_refuses_what_the_family_cannot_hold(tmp_path) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
+@pytest.mark.slow
 def test_trainer_refuses_a_mismatched_init_from_before_any_work(mixtral_dir, tmp_path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(

@@ -32,7 +32,10 @@ from launch.netns import (
 from tests.launch.nodes import REPO, SMALL, Node, assert_trained_three_steps, two_nodes
 
 AVAILABLE, WHY = netns_available()
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not AVAILABLE, reason=f"network namespaces unavailable: {WHY}"),
+]  # launch end to end: the quick subset leaves it out
 
 # Runs in namespace b: connect to a's server, send `size` bytes, print the seconds it took.
 CLIENT = """

@@ -18,6 +18,8 @@ from model.params import count_params
 from parallel.dims import ParallelDims
 from trainer.compose import compose_config, load_config, to_job_config
 
+pytestmark = pytest.mark.slow  # whole-recipe plans and CLI processes: not in the quick subset
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from launch.commands import load_job, sbatch_script, split_overrides, submitit_preview
 
+pytestmark = pytest.mark.slow  # whole-recipe plans and CLI processes: not in the quick subset
+
 REPO = Path(__file__).resolve().parents[2]
 # The recipe's own layout is for 64 GPUs; on 32, pp 2 leaves dp 8 for ep 8 (launch.plan --suggest
 # picks pp1 dp32 ep8; any valid layout serves for these content checks).

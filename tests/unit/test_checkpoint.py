@@ -174,6 +174,7 @@ def test_shape_mismatch_is_one_line(tmp_path: Path) -> None:
         restore(other, tmp_path / "step-1")
 
 
+@pytest.mark.slow
 def test_cli_list_verify_convert(tmp_path: Path) -> None:
     state = make_state(0)
     save(tmp_path, 1, state)

@@ -142,6 +142,7 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("arg", "field"), [("model.moe.top_k=99", "model.moe.top_k"), ("model.foo=1", "model.foo")]
 )
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_exit_2(arg: str, field: str, tmp_path: Path) -> None:
     proc = _run_cli([arg, f"run.dir={tmp_path}/run"], tmp_path)
     assert proc.returncode == 2, proc.stderr

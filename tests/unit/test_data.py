@@ -141,6 +141,7 @@ def test_cli_on_real_stdlib_files(tmp_path: Path, capsys) -> None:
     assert "no input files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_corpus_is_prepared_once_under_concurrency(tmp_path: Path, monkeypatch) -> None:
     files = sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))
     assert len(prep.default_corpus_files()) > 300 and all("site-packages" not in str(f) for f in files)
@@ -273,6 +274,7 @@ def _write_megatron(prefix: Path, docs: list[list[int]], sidecar: dict | None = 
         Path(str(prefix) + ".json").write_text(json.dumps(sidecar))
 
 
+@pytest.mark.slow
 def test_megatron_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     docs = [rng.integers(1, 900, rng.integers(5, 40)).tolist() for _ in range(30)] + [[5, 6, 0]]

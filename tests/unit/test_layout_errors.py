@@ -136,6 +136,7 @@ def test_a_deepspeed_onebit_optimizer_points_to_the_sign_compressor():
         load_config(["optim.name=onebit_adam"], world_size=2)
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_layout_before_any_process_group():
     """WORLD_SIZE says 4 ranks but no rendezvous exists: if validation did not stop first, joining
     the process group would hang or fail with a traceback."""

@@ -209,6 +209,7 @@ def run_cfg(tmp_path: Path, dataset: Path, steps: int):
     )
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path: Path, small_dataset: Path) -> None:
     straight = Trainer(run_cfg(tmp_path / "a", small_dataset, 4))
     summary = straight.train()
