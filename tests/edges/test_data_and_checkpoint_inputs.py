@@ -275,6 +275,18 @@ CHECKPOINTS = [
     ckpt_cli(
         "convert-index-outside", f"convert {STEP} {{ws}}/model.pt", "../../../../file", setup=_index_outside
     ),
+    ckpt_cli(
+        "convert-manifest-files-a-list",
+        f"convert {STEP} {{ws}}/model.pt",
+        "manifest.json",
+        setup=_edit_manifest(lambda m, ws: m.update(files=sorted(m["files"]))),
+    ),
+    ckpt_cli(
+        "convert-manifest-size-a-string",
+        f"convert {STEP} {{ws}}/model.pt",
+        "manifest.json",
+        setup=_edit_manifest(lambda m, ws: m["files"]["progress.pt"].update(bytes="12")),
+    ),
     ckpt_cli("convert-shard-lost", f"convert {STEP} {{ws}}/model.pt", "__0_0.distcp", setup=_lose_shard),
     ckpt_cli("command-unknown", "inspect {ws}", "inspect"),
 ]

@@ -130,6 +130,13 @@ def test_time_dependent_run_dir_is_one_directory_for_every_rank(tmp_path: Path, 
         cwd=ROOT,
     )
     assert check.returncode == 0 and "ok" in check.stdout, check.stdout + check.stderr
+    convert = subprocess.run(
+        [sys.executable, "-m", "trainer.checkpoint", "convert", str(step), str(tmp_path / "model.pt")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert convert.returncode == 0 and (tmp_path / "model.pt").is_file(), convert.stderr
     (step / "sharded" / "__1_0.distcp").unlink()  # one rank's shard lost (no shared file system)
     check = subprocess.run(
         [sys.executable, "-m", "trainer.checkpoint", "verify", str(step)],
