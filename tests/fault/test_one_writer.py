@@ -123,25 +123,15 @@ def test_time_dependent_run_dir_is_one_directory_for_every_rank(tmp_path: Path, 
     step = run_dir / "checkpoints" / "step-2"
     assert verify(step) is None
     assert sorted(p.name for p in (step / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    check = subprocess.run(
-        [sys.executable, "-m", "trainer.checkpoint", "verify", str(step)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    check = checkpoint_cli("verify", step)
     assert check.returncode == 0 and "ok" in check.stdout, check.stdout + check.stderr
-    convert = subprocess.run(
-        [sys.executable, "-m", "trainer.checkpoint", "convert", str(step), str(tmp_path / "model.pt")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    convert = checkpoint_cli("convert", step, tmp_path / "model.pt")
     assert convert.returncode == 0 and (tmp_path / "model.pt").is_file(), convert.stderr
     (step / "sharded" / "__1_0.distcp").unlink()  # one rank's shard lost (no shared file system)
-    check = subprocess.run(
-        [sys.executable, "-m", "trainer.checkpoint", "verify", str(step)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    check = checkpoint_cli("verify", step)
     assert check.returncode == 1 and "__1_0.distcp" in check.stdout, check.stdout + check.stderr
+
+
+def checkpoint_cli(*args: object) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "trainer.checkpoint", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -12,48 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from tests.unit.checkpoint_state import make_state, params, save
 from trainer.checkpoint import (
     CheckpointWriter,
-    RNGState,
-    ShardedModelOptimizer,
     TrainProgress,
     latest_valid,
     restore,
     step_dirs,
 )
-from trainer.config import OptimConfig
 from trainer.errors import ConfigError
-from trainer.optim import build_optimizer, build_scheduler
-
-
-def make_state(seed: int = 0, hidden: int = 8):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, hidden), nn.Linear(hidden, 2))
-    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, steps=10)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    sched.step()
-    return {
-        "model_optimizer": ShardedModelOptimizer([model], opt),
-        "scheduler": sched,
-        "rng": RNGState(),
-        "progress": TrainProgress(1, 12),
-    }
-
-
-def save(root: Path, step: int, state, keep_last: int = 0, async_save: bool = False) -> Path:
-    writer = CheckpointWriter(root, keep_last, async_save)
-    path = writer.save(step, state, {"tokens": step * 10})
-    writer.wait()
-    return path
-
-
-def params(state) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in state["model_optimizer"].container.parameters()]
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
@@ -70,7 +38,7 @@ def test_round_trip_restores_every_part(tmp_path: Path, async_save: bool) -> Non
     sa = state["model_optimizer"].optimizer.state_dict()["state"]
     sb = fresh["model_optimizer"].optimizer.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert fresh["scheduler"].last_epoch == 1 and fresh["progress"] == TrainProgress(1, 12)
+    assert fresh["scheduler"].last_epoch == 1 and fresh["progress"] == TrainProgress(0, 12)  # make_state(0)'s
     assert torch.equal(torch.rand(3), expected_next[0]) and random.random() == expected_next[1]
 
 

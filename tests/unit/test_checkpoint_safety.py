@@ -17,13 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
+from tests.unit.checkpoint_state import make_state, params, save
 from trainer.checkpoint import (
     CheckpointError,
-    CheckpointWriter,
-    RNGState,
-    ShardedModelOptimizer,
     TrainProgress,
     check_free_space,
     latest_valid,
@@ -35,39 +32,10 @@ from trainer.checkpoint import (
 )
 from trainer.checkpoint.__main__ import main as cli
 from trainer.checkpoint.storage import JsonFileSystemWriter
-from trainer.config import OptimConfig
 from trainer.errors import ConfigError
-from trainer.optim import build_optimizer, build_scheduler
 
 SHARD = "sharded/__0_0.distcp"
 INDEX = "sharded/.metadata.json"
-
-
-def make_state(seed: int = 0, hidden: int = 8) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, hidden), nn.Linear(hidden, 2))
-    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, steps=10)
-    model(torch.randn(3, 4)).sum().backward()
-    opt.step()
-    return {
-        "model_optimizer": ShardedModelOptimizer([model], opt),
-        "scheduler": sched,
-        "rng": RNGState(),
-        "progress": TrainProgress(seed, 12),
-    }
-
-
-def save(root: Path, step: int, state: dict[str, Any], keep_last: int = 0, async_save: bool = False) -> Path:
-    writer = CheckpointWriter(root, keep_last, async_save)
-    path = writer.save(step, state, {"tokens": step * 10})
-    writer.wait()
-    return path
-
-
-def params(state: dict[str, Any]) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in state["model_optimizer"].container.parameters()]
 
 
 def two_checkpoints(root: Path) -> tuple[list[torch.Tensor], Path]:
