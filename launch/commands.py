@@ -95,7 +95,8 @@ def sbatch_script(job: JobConfig, overrides: Sequence[str]) -> str:
         "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
         "",
         "# Validate once, before any node starts a rank (one line and exit 2 on a bad config).",
-        f"MOEFORGE_CHECK_ONLY=1 WORLD_SIZE={world_size(c)} python -m trainer {_quote(overrides)}",
+        f"MOEFORGE_CHECK_ONLY=1 WORLD_SIZE={world_size(c)} LOCAL_WORLD_SIZE={c.gpus_per_node} "
+        f"python -m trainer {_quote(overrides)}",
         "",
         f"srun --kill-on-bad-exit=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node={c.gpus_per_node} \\",
         "    --rdzv-backend=c10d --rdzv-endpoint=$head_node:" + f"{c.rdzv_port} --rdzv-id=$SLURM_JOB_ID \\",

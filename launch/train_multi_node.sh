@@ -32,7 +32,7 @@ done
 case "$ENDPOINT" in *:*) ;; *) ENDPOINT=$ENDPOINT:29500 ;; esac
 if [ -x .venv/bin/python ]; then PYTHON=${PYTHON:-.venv/bin/python}; fi
 PYTHON=${PYTHON:-python}
-MOEFORGE_CHECK_ONLY=1 WORLD_SIZE=$((NNODES * NPROC)) "$PYTHON" -m trainer "${overrides[@]}"
+MOEFORGE_CHECK_ONLY=1 WORLD_SIZE=$((NNODES * NPROC)) LOCAL_WORLD_SIZE=$NPROC "$PYTHON" -m trainer "${overrides[@]}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Restarted ranks (--max-restarts) must not read the dead attempt's gloo/NCCL addresses from the
 # store torchrun shares with its workers (pytorch#135712): give the workers their own store.

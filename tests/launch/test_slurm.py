@@ -54,7 +54,8 @@ def test_sbatch_script_content() -> None:
     assert script.startswith("#!/bin/bash\n")
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     overrides = "recipe=mixtral_8x7b parallel.pp=2 parallel.dp=-1 optim.lr=2e-4"
-    assert f"MOEFORGE_CHECK_ONLY=1 WORLD_SIZE=32 python -m trainer {overrides}" in script
+    # LOCAL_WORLD_SIZE: the memory check splits one node's memory over its 8 ranks, not all 32
+    assert f"MOEFORGE_CHECK_ONLY=1 WORLD_SIZE=32 LOCAL_WORLD_SIZE=8 python -m trainer {overrides}" in script
     srun = " ".join(script.split("srun ", 1)[1].replace("\\\n", " ").split())
     assert srun == (
         "--kill-on-bad-exit=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-backend=c10d "
