@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from tests.unit.checkpoint_state import make_state, params, save
 from trainer.checkpoint import (
     CheckpointError,
+    ShardedModelOptimizer,
     TrainProgress,
     check_free_space,
     latest_valid,
@@ -32,7 +34,9 @@ from trainer.checkpoint import (
 )
 from trainer.checkpoint.__main__ import main as cli
 from trainer.checkpoint.storage import JsonFileSystemWriter
+from trainer.config import OptimConfig
 from trainer.errors import ConfigError
+from trainer.optim import build_optimizer
 
 SHARD = "sharded/__0_0.distcp"
 INDEX = "sharded/.metadata.json"
@@ -443,3 +447,12 @@ def test_free_space_check_and_estimate(tmp_path: Path) -> None:
     state = make_state()
     on_disk = sum(f.stat().st_size for f in save(tmp_path / "c", 1, state).rglob("*") if f.is_file())
     assert on_disk <= state_bytes(state) <= 4 * on_disk + (1 << 20)
+
+
+def test_state_bytes_leaves_a_fresh_optimizer_alone() -> None:
+    """Measuring a run's checkpoint before its first step must not create the optimizer's state
+    (torch's get_state_dict would, with a zero-gradient step, shifting AdamW's step count)."""
+    model = nn.Linear(4, 2)
+    opt = build_optimizer(model, OptimConfig())
+    assert state_bytes({"model_optimizer": ShardedModelOptimizer([model], opt)}) >= 3 * (4 * 2 + 2) * 4
+    assert not opt.state and all(p.grad is None for p in model.parameters())

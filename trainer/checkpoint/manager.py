@@ -448,11 +448,16 @@ def check_model_shapes(expected: dict[str, Any], saved: dict[str, tuple[int, ...
 def state_bytes(state: dict[str, Stateful]) -> int:
     """About the bytes one checkpoint of `state` takes: every tensor of every part this rank
     saves, plus a little per file. Collective under torch.distributed: the sum over all ranks,
-    which is what a shared `checkpoint.dir` receives (for `check_free_space`)."""
+    which is what a shared `checkpoint.dir` receives (for `check_free_space`; replicated tensors,
+    which DCP writes once, are counted on every rank: an over-estimate).
+
+    The model + optimizer part is counted from the parameters (weights and AdamW's two moments),
+    not from `sharded_state()`: on an optimizer that has not stepped yet, torch's `get_state_dict`
+    creates its state with a zero-gradient step, which would change the run's first update."""
     total = 0
     for part in state.values():
         if isinstance(part, ShardedModelOptimizer):
-            total += _tensor_bytes(part.sharded_state()) + (1 << 16)
+            total += 3 * _tensor_bytes(list(part.container.parameters())) + (1 << 16)
         elif _is_per_rank(part) or _rank() == 0:
             total += _tensor_bytes(part.state_dict()) + (1 << 16)
     if dist.is_initialized():
