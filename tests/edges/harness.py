@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sampling import quick_sample
+
 ROOT = Path(__file__).resolve().parents[2]
 # Words of the remedy half of a message ("... (set a value >= 1)", "...; delete it and ...").
 FIX_WORDS = (
@@ -50,11 +52,7 @@ def case(id: str, cli: str, args: list[str] | str, names: str, **kw: object) -> 
 
 def params(*groups: list[Case]) -> list[object]:
     """The cases as pytest params: the first of each group in the quick subset, the rest slow."""
-    return [
-        pytest.param(c, id=c.id, marks=() if i == 0 else pytest.mark.slow)
-        for group in groups
-        for i, c in enumerate(group)
-    ]
+    return [p for group in groups for p in quick_sample(group, [c.id for c in group], every=len(group))]
 
 
 def fill(text: str, ws: Path) -> str:

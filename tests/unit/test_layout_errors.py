@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.sampling import quick_sample
 from trainer.compose import load_config
 from trainer.errors import ConfigError
 
@@ -106,7 +107,7 @@ BAD_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("world_size, overrides, field", BAD_LAYOUTS)
+@pytest.mark.parametrize("world_size, overrides, field", quick_sample(BAD_LAYOUTS))
 def test_bad_layout_names_the_field(world_size, overrides, field):
     with pytest.raises(ConfigError) as err:
         load_config(overrides, world_size=world_size)

@@ -41,6 +41,7 @@ from model.layers import RMSNorm, rope_tables
 from model.moe import MoE
 from model.moe.dispatch import capacity_keep_mask, expert_capacity
 from model.params import count_params
+from tests.sampling import quick_sample
 from trainer.compose import load_config
 from trainer.errors import ConfigError
 
@@ -506,7 +507,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize(
-    "world_size, overrides, field", BAD_CONFIGS, ids=[" ".join(o) for _, o, _ in BAD_CONFIGS]
+    "world_size, overrides, field", quick_sample(BAD_CONFIGS, [" ".join(o) for _, o, _ in BAD_CONFIGS])
 )
 def test_bad_knob_names_the_field(world_size, overrides, field):
     with pytest.raises(ConfigError) as err:
