@@ -28,6 +28,11 @@ TINY = [
 ]
 
 
+def tiny_job(run_dir: Path, dataset: Path, *overrides: str) -> list[str]:
+    """TINY on `dataset`, writing to `run_dir`, with `overrides` (the layout, steps, faults)."""
+    return [*TINY, f"run.dir={run_dir}", f"data.sources=[{{path:'{dataset}'}}]", *overrides]
+
+
 def torchrun(
     nproc: int, args: list[str], cwd: Path, *, faults: str = "", max_restarts: int = 0, timeout: float = 300
 ) -> subprocess.CompletedProcess:

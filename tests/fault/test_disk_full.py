@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault.launch import TINY, torchrun
+from tests.fault.launch import tiny_job, torchrun
 from trainer.checkpoint import latest_valid, verify
 
 
@@ -17,14 +17,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     tmp_path: Path, small_dataset: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    args = [
-        *TINY,
-        f"run.dir={run_dir}",
-        f"data.sources=[{{path:'{small_dataset}'}}]",
-        "parallel.ep=2",
-        "train.steps=4",
-        "checkpoint.save_every=2",
-    ]
+    args = tiny_job(run_dir, small_dataset, "parallel.ep=2", "train.steps=4", "checkpoint.save_every=2")
     proc = torchrun(2, args, tmp_path, faults="enospc@save=4,rank=1")
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("moeforge: config error")]

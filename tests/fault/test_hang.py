@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fault.launch import TINY, torchrun
+from tests.fault.launch import tiny_job, torchrun
 
 TIMEOUT_S = 10
 PHASE = r"step 3: (?:forward/backward|grad norm/optimizer)"
@@ -32,14 +32,9 @@ def test_a_rank_that_stops_participating_ends_the_job_with_one_line(
     tmp_path: Path, small_dataset: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    args = [
-        *TINY,
-        f"run.dir={run_dir}",
-        f"data.sources=[{{path:'{small_dataset}'}}]",
-        "parallel=pp2_ep2",
-        "train.steps=6",
-        f"fault.collective_timeout_s={TIMEOUT_S}",
-    ]
+    args = tiny_job(
+        run_dir, small_dataset, "parallel=pp2_ep2", "train.steps=6", f"fault.collective_timeout_s={TIMEOUT_S}"
+    )
     start = time.monotonic()
     proc = torchrun(4, args, tmp_path, faults="hang@step=3,rank=2", timeout=120)
     elapsed = time.monotonic() - start

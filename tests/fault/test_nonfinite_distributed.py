@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault.launch import TINY, torchrun
+from tests.fault.launch import tiny_job, torchrun
 
 
 @pytest.mark.slow
@@ -17,16 +17,15 @@ def test_nan_on_one_rank_is_skipped_everywhere_then_the_job_stops(
     tmp_path: Path, small_dataset: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    args = [
-        *TINY,
-        f"run.dir={run_dir}",
-        f"data.sources=[{{path:'{small_dataset}'}}]",
+    args = tiny_job(
+        run_dir,
+        small_dataset,
         "parallel.ep=2",  # dp2, experts over ep2
         "train.steps=6",
         "checkpoint.save_every=2",
         "fault.max_consecutive_skips=2",
         "fault.max_rollbacks=0",
-    ]
+    )
     proc = torchrun(2, args, tmp_path, faults="nan@step=3,rank=1;nan@step=4,rank=1", timeout=120)
     assert proc.returncode != 0
     stopped = [line for line in proc.stderr.splitlines() if line.startswith("moeforge: training stopped:")]
