@@ -47,12 +47,14 @@ class AllToAllDispatcher:
         send_counts_PL = counts_E.view(self.ep_size, self.num_local_experts)
         recv_counts_PL = torch.empty_like(send_counts_PL)
         dist.all_to_all_single(recv_counts_PL, send_counts_PL, group=self.group)
-        # One host sync: split sizes must be Python ints.
-        send_splits = send_counts_PL.sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
+        # One host sync: split sizes must be Python ints (both read in one copy).
+        send_splits, recv_splits = torch.stack([send_counts_PL.sum(1), recv_counts_PL.sum(1)]).tolist()
         x_recv = _exchange(x_ND, send_splits, recv_splits, self.group)
         local_expert_N = torch.arange(self.num_local_experts, device=x_TD.device).repeat(self.ep_size)
-        local_expert_N = local_expert_N.repeat_interleave(recv_counts_PL.flatten())
+        # output_size: known on the host already, so CUDA need not sync to size the result.
+        local_expert_N = local_expert_N.repeat_interleave(
+            recv_counts_PL.flatten(), output_size=sum(recv_splits)
+        )
         regroup_N = torch.argsort(local_expert_N, stable=True)
         state = AllToAllState(local_state, regroup_N, send_splits, recv_splits)
         return x_recv[regroup_N], recv_counts_PL.sum(0), state
