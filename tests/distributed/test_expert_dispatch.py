@@ -77,3 +77,20 @@ def test_all_to_all_matches_local_moe(capacity_factor, weights_on_input):
         w1_grad += layer.experts.w1.grad
     # Each rank's expert shard received the gradient of every rank's tokens routed to it.
     assert_close(results[0]["w1_grad"], w1_grad)
+
+
+def ep_reads(ep: int) -> dict:
+    from tests.host_reads import counted_reads
+
+    layer, x = make_layer(0.0, False)
+    apply_expert_parallel(layer, init_device_mesh("cpu", (ep,)))
+    x_local = x[dist.get_rank() : dist.get_rank() + 1].clone().requires_grad_()
+    with counted_reads() as seen:
+        layer(x_local).pow(2).sum().backward()
+    return {"reads": torch.tensor(len(seen))}
+
+
+def test_expert_parallel_layer_reads_the_host_twice() -> None:
+    """Under ep the MoE layer reads the host once for both all-to-all split lists and once for
+    the local experts' split sizes (tests/unit/test_host_syncs.py counts the one-process step)."""
+    assert [int(r["reads"]) for r in run_ranks(2, ep_reads, 2)] == [2, 2]

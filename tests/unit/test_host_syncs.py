@@ -6,16 +6,13 @@ here. Expert parallelism's all-to-all split sizes (parallel/expert.py) are not c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from model import Transformer
 from model.config import ModelConfig, MoEConfig
+from tests.host_reads import counted_reads
 
-READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 SYNCS_PER_STEP = 1  # the number of labelled tokens (ModelOutput.num_tokens)
 # Per MoE layer on the CPU path: the split sizes of the expert GEMM loop (the CUDA bf16 path's
 # grouped GEMM takes device offsets instead), plus, with a capacity, the number of kept copies
@@ -26,27 +23,6 @@ MOE_SETTINGS = {
     "aux-free-bias": ({"expert_bias": True, "aux_loss_coef": 0.0}, 1),
     "shared-expert": ({"num_shared_experts": 1}, 1),
 }
-
-
-@contextmanager
-def counted_reads() -> Iterator[list[str]]:
-    seen: list[str] = []
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def counting(name: str):
-        def read(self: torch.Tensor, *args: object):
-            seen.append(name)
-            return originals[name](self, *args)
-
-        return read
-
-    for name in READS:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        yield seen
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
 
 
 def step_reads(num_layers: int, first_k_dense: int, **moe: object) -> list[str]:
