@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
-from typing import NoReturn
+from typing import IO, NoReturn
 
 import hydra
 from hydra._internal.utils import get_args_parser
@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> None:
         _fail(e)
 
 
-def hold_run_dir(run_dir: str):
+def hold_run_dir(run_dir: str) -> IO[str] | None:
     """Rank 0 takes the run directory's lock; every rank fails alike if another job holds it."""
     import torch.distributed as dist
 

@@ -13,6 +13,7 @@ A few cases run as real subprocesses (`subprocess=True`) to pin that the in-proc
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import subprocess
 import sys
@@ -32,6 +33,15 @@ FIX_WORDS = (
     "lower", "raise", "shrink", "give", "check", "pick", "create", "add", "prepare", "shorten",
     "hold out", "drop", "stop", "spread", "move", "change", "see ",
 )  # fmt: skip
+
+
+# `python -m <cli>` -> the function its __main__ calls with the arguments.
+ENTRY_POINTS = {
+    "data.prepare": ("data.prepare", "main"),
+    "trainer.checkpoint": ("trainer.checkpoint.__main__", "main"),
+    "launch.plan": ("launch.plan", "plan"),
+    "launch.sbatch": ("launch.sbatch", "main"),
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def _in_process(c: Case, args: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[str]]:
     """(exit code, the warnings that would have printed)."""
-    if c.cli == "trainer":
+    if c.cli == "trainer":  # reads sys.argv, and only checks (see the module docstring)
         from trainer.__main__ import main as trainer_main
 
         monkeypatch.setenv("MOEFORGE_CHECK_ONLY", "1")
@@ -87,28 +97,13 @@ def _in_process(c: Case, args: list[str], monkeypatch: pytest.MonkeyPatch) -> tu
         def call() -> int | None:
             trainer_main()
             return 0
-    elif c.cli == "data.prepare":
-        from data.prepare import main as call_main
-
-        def call() -> int | None:
-            return call_main(args)
-    elif c.cli == "trainer.checkpoint":
-        from trainer.checkpoint.__main__ import main as call_main
-
-        def call() -> int | None:
-            return call_main(args)
-    elif c.cli == "launch.plan":
-        from launch.plan import plan
-
-        def call() -> int | None:
-            return plan(args)
-    elif c.cli == "launch.sbatch":
-        from launch.sbatch import main as call_main
-
-        def call() -> int | None:
-            return call_main(args)
     else:
-        raise ValueError(c.cli)
+        module, name = ENTRY_POINTS[c.cli]
+        entry = getattr(importlib.import_module(module), name)
+
+        def call() -> int | None:
+            return entry(args)
+
     for key, value in c.env.items():
         monkeypatch.setenv(key, value)
     with warnings.catch_warnings(record=True) as caught:

@@ -4,6 +4,7 @@ and the launch scripts. See harness.py for what every case must satisfy."""
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 from pathlib import Path
 
@@ -19,15 +20,13 @@ def trainer(id: str, overrides: str, names: str, **kw: object) -> Case:
 
 def _hold_lock(ws: Path) -> None:
     """A live job holding the run's lock (this process, on its own open file: flock conflicts
-    between open files, not only processes)."""
-    f = open(ws / "run" / ".lock", "w")  # noqa: SIM115 - held until the test process ends
+    between open files, not only processes); released when the test process exits."""
+    f = open(ws / "run" / ".lock", "w")  # noqa: SIM115 - held until exit
     f.write('{"pid": 4242, "host": "node7", "since": 0, "argv": []}\n')
     f.flush()
     fcntl.flock(f, fcntl.LOCK_EX)
-    _HELD.append(f)
+    atexit.register(f.close)
 
-
-_HELD: list[object] = []
 
 NUMBERS = [
     trainer("lr-nan", "optim.lr=nan", "optim.lr"),

@@ -40,3 +40,15 @@ def save(root: Path, step: int, state: dict[str, Any], keep_last: int = 0, async
 
 def params(state: dict[str, Any]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in state["model_optimizer"].container.parameters()]
+
+
+def two_checkpoints(root: Path, older: int = 1, newer: int = 2) -> tuple[list[torch.Tensor], Path]:
+    """Checkpoints `older` and `newer` with different weights; returns the older one's weights and
+    the newer one's directory (for damaging it and checking that resume falls back)."""
+    state = make_state(1)
+    save(root, older, state)
+    first = params(state)
+    with torch.no_grad():
+        for p in state["model_optimizer"].container.parameters():
+            p.add_(1.0)
+    return first, save(root, newer, state)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.unit.checkpoint_state import make_state, params, save
+from tests.unit.checkpoint_state import make_state, params, save, two_checkpoints
 from trainer.checkpoint import (
     CheckpointWriter,
     TrainProgress,
@@ -101,13 +101,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_corruption_is_reported_and_resume_falls_back(tmp_path: Path, kind: str) -> None:
-    state = make_state(0)
-    save(tmp_path, 2, state)
-    good = params(state)
-    with torch.no_grad():
-        for p in state["model_optimizer"].container.parameters():
-            p.add_(1.0)
-    save(tmp_path, 4, state)
+    good, _ = two_checkpoints(tmp_path, 2, 4)
     damage, expected_word = CORRUPTIONS[kind]
     damage(tmp_path / "step-4")
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.unit.checkpoint_state import make_state, params, save
+from tests.unit.checkpoint_state import make_state, params, save, two_checkpoints
 from trainer.checkpoint import (
     CheckpointError,
     ShardedModelOptimizer,
@@ -40,17 +40,6 @@ from trainer.optim import build_optimizer
 
 SHARD = "sharded/__0_0.distcp"
 INDEX = "sharded/.metadata.json"
-
-
-def two_checkpoints(root: Path) -> tuple[list[torch.Tensor], Path]:
-    """step-1 and step-2 with different weights; returns step-1's weights and step-2."""
-    state = make_state(1)
-    save(root, 1, state)
-    first = params(state)
-    with torch.no_grad():
-        for p in state["model_optimizer"].container.parameters():
-            p.add_(1.0)
-    return first, save(root, 2, state)
 
 
 def edit_manifest(path: Path, change) -> None:
